@@ -1,0 +1,19 @@
+# The two commands of the README. Each installs what it needs into ./.venv first.
+PY := .venv/bin/python
+
+.PHONY: install demo test test-fast bench clean
+
+install:
+	@bash scripts/install.sh
+
+demo: install
+	$(PY) -m flowrl.demo
+
+test: install
+	$(PY) -m pytest -q -ra tests
+
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not slow" tests
+
+clean:
+	rm -rf .venv

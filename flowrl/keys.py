@@ -1,0 +1,47 @@
+"""Every batch key flowrl uses, in one place.
+
+Layout of a rollout batch (B samples, P prompt tokens, R response tokens):
+prompts are left-padded to P, responses right-padded to R, so that
+``cat([prompt_ids, response_ids], dim=1)`` is one [B, P + R] sequence whose
+response starts at column P for every row.
+"""
+
+
+class Keys:
+    # --- tensors ---------------------------------------------------------------
+    PROMPT_IDS = "prompt_ids"  # [B, P] int64, left-padded with the pad id
+    PROMPT_MASK = "prompt_mask"  # [B, P] int64, 1 on real prompt tokens
+    RESPONSE_IDS = "response_ids"  # [B, R] int64, right-padded with the pad id
+    RESPONSE_MASK = "response_mask"  # [B, R] float32, 1 up to and including the first EOS
+    TRUNCATED = "truncated"  # [B] bool, the response hit max length without EOS
+    ROLLOUT_LOGPROBS = "rollout_logprobs"  # [B, R] float32, log-probs from the sampler (vLLM)
+    OLD_LOGPROBS = "old_logprobs"  # [B, R] float32, trainer log-probs before the update
+    REF_LOGPROBS = "ref_logprobs"  # [B, R] float32, reference-policy log-probs
+    LOGPROBS = "logprobs"  # [B, R] float32, current-policy log-probs (inside the update)
+    ENTROPY = "entropy"  # [B, R] float32, per-token entropy of the policy
+    VALUES = "values"  # [B, R] float32, critic values V(s_t)
+    OLD_VALUES = "old_values"  # [B, R] float32, critic values before the update
+    SCORES = "scores"  # [B] float32, sequence-level reward (rule or reward model)
+    TOKEN_SCORES = "token_scores"  # [B, R] float32, score placed on the last response token
+    TOKEN_REWARDS = "token_rewards"  # [B, R] float32, token scores minus the KL penalty
+    ADVANTAGES = "advantages"  # [B, R] float32
+    RETURNS = "returns"  # [B, R] float32, value targets
+    GROUP_IDS = "group_ids"  # [B] int64, contiguous ids; samples of one prompt share an id
+    BASELINE_SCORES = "baseline_scores"  # [B] float32, e.g. ReMax's greedy-rollout score
+    CHOSEN_IDS = "chosen_ids"  # [B, L] int64, reward-model pair: preferred sequence
+    CHOSEN_MASK = "chosen_mask"  # [B, L] int64
+    REJECTED_IDS = "rejected_ids"  # [B, L] int64, reward-model pair: other sequence
+    REJECTED_MASK = "rejected_mask"  # [B, L] int64
+    LOSS_MASK = "loss_mask"  # [B, L] float32, SFT: 1 on tokens the loss counts (next-token targets)
+    INPUT_IDS = "input_ids"  # [B, L] int64, SFT: right-padded full sequences
+    ATTENTION_MASK = "attention_mask"  # [B, L] int64, SFT: 1 on real tokens
+
+    # --- per-sample non-tensor fields -----------------------------------------
+    MESSAGES = "messages"  # list[dict] chat messages of the prompt
+    PROMPT_TEXT = "prompt_text"  # str, the prompt after the chat template
+    RESPONSE_TEXT = "response_text"  # str, decoded response
+    GROUND_TRUTH = "ground_truth"  # Any, reward_model.ground_truth of the row
+    DATA_SOURCE = "data_source"  # str, selects the rule reward
+    EXTRA_INFO = "extra_info"  # dict, passed to reward functions
+    FINISH_REASON = "finish_reason"  # str, "stop" or "length"
+    WORKER_TAG = "worker_tag"  # str, which rank produced the row (tests, debugging)
