@@ -1,0 +1,266 @@
+"""Run configuration: dataclasses hold every default; a recipe YAML overrides them; CLI
+``key=value`` pairs override the recipe.
+
+``load_config("recipes/grpo.yaml", ["trainer.total_steps=3"])`` returns a read-only
+OmegaConf object typed by :class:`Config`. Unknown keys, wrong types and inconsistent
+values fail here, with a message that names the recipe and the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot run; the message names the key and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    """The policy (or critic / reference) weights."""
+
+    path: str = ""  # a Hugging Face model folder (config.json + weights + tokenizer)
+    dtype: str = "float32"  # parameter dtype on the trainer: float32 | bfloat16
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (one step per mini-batch)."""
+
+    lr: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+
+
+@dataclass
+class RolloutConfig:
+    """Generation with the colocated vLLM engine."""
+
+    n: int = 1  # responses sampled per prompt (the group size of GRPO/RLOO)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: no top-k
+    max_response_length: int = 256
+    ignore_eos: bool = False  # benchmarks: always generate max_response_length tokens
+    dtype: str = "float32"  # vLLM weights dtype: float32 on CPU, bfloat16 on GPU
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool = True
+    tensor_parallel_size: int = 1
+    sync_bucket_mb: int = 256  # weight-sync bucket; peak extra memory during a sync
+    val_temperature: float = 0.0  # greedy evaluation
+
+
+@dataclass
+class ActorConfig:
+    """The policy's update (PPO-style clipped surrogate for every algorithm)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mini_batch_size: int = 8  # responses per optimizer step, over all ranks
+    micro_batch_size: int = 4  # responses per forward/backward on one rank
+    epochs: int = 1  # passes over each rollout batch
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2  # > clip_ratio_low: DAPO's clip-higher
+    dual_clip_c: float | None = None  # e.g. 3.0: dual-clip for negative advantages
+    loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
+    entropy_coef: float = 0.0
+    use_kl_loss: bool = False  # KL to the reference as a loss term (GRPO style)
+    kl_loss_coef: float = 0.001
+    kl_loss_type: str = "k3"  # k1 | k2 | k3 | abs
+    tis_cap: float | None = None  # truncated importance sampling with the sampler's log-probs
+
+
+@dataclass
+class CriticConfig:
+    """The value model of PPO with GAE; unused by critic-free estimators."""
+
+    enable: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    micro_batch_size: int = 4
+    epochs: int = 1
+    cliprange_value: float = 0.5
+    loss_agg_mode: str = "token-mean"
+
+
+@dataclass
+class KLControlConfig:
+    """KL penalty in the reward (InstructGPT): fixed or adaptive (Ziegler et al., 2019)."""
+
+    type: str = "fixed"  # fixed | adaptive
+    kl_coef: float = 0.001
+    target_kl: float = 0.1  # adaptive only
+    horizon: int = 10000  # adaptive only
+
+
+@dataclass
+class AlgorithmConfig:
+    """The advantage estimator and the reward shaping around it."""
+
+    estimator: str = "grpo"  # gae | grpo | rloo | remax | reinforce_pp | reinforce_pp_baseline
+    gamma: float = 1.0
+    lam: float = 1.0
+    norm_adv_by_std: bool = True  # GRPO: divide by the group std (off = Dr. GRPO)
+    whiten_advantages: bool = True  # GAE / REINFORCE++: batch whitening
+    use_kl_in_reward: bool = False
+    kl_penalty: str = "k1"  # estimator of the in-reward KL
+    kl_ctrl: KLControlConfig = field(default_factory=KLControlConfig)
+
+
+@dataclass
+class DataConfig:
+    """Prompts: parquet or JSONL rows with prompt / data_source / reward_model / extra_info."""
+
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    train_batch_size: int = 8  # prompts per step
+    max_prompt_length: int = 256
+    overlong: str = "filter"  # filter | truncate_left | error
+    shuffle: bool = True
+    val_max_samples: int = -1  # -1: all
+
+
+@dataclass
+class RewardConfig:
+    """Rule rewards by data_source, or a function given by dotted path."""
+
+    function: str | None = None  # "package.module:function"; None picks by data_source
+    timeout_s: float = 10.0  # a sample whose reward takes longer scores 0 (and is counted)
+    num_workers: int = 1
+    reward_model: ModelConfig | None = None  # a learned reward model instead of rules
+
+
+@dataclass
+class TrainerConfig:
+    """The run: size, placement, logging and checkpoints."""
+
+    algorithm: str = "grpo"  # the driver: ppo | grpo | remax | rloo | reinforce_pp
+    total_steps: int = 10
+    num_workers: int = 1  # hybrid actor-rollout ranks (one per GPU on GPU)
+    use_gpu: bool = False
+    seed: int = 0
+    run_dir: str = "runs/flowrl"
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    eval_every: int = 0  # 0: only before and after training
+    resume: str = "disable"  # disable | auto | a checkpoint folder
+    loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])
+    quiet: bool = False  # no progress bar
+
+
+@dataclass
+class Config:
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    reference: ModelConfig | None = None  # None: the policy's initial weights
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Defaults <- recipe YAML <- ``key=value`` overrides; validated and read-only."""
+    where = f"recipe {os.fspath(recipe)}" if recipe else "config"
+    cfg = OmegaConf.structured(Config)
+    try:
+        if recipe is not None:
+            if not os.path.exists(recipe):
+                raise ConfigError(f"recipe {os.fspath(recipe)}: no such file")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(recipe))
+        if overrides:
+            where = f"{where} with overrides {' '.join(overrides)}" if recipe else "overrides"
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: {_one_line(e)}") from None
+    except Exception as e:  # malformed YAML and the like
+        raise ConfigError(f"{where}: cannot read it ({type(e).__name__}: {_one_line(e)})") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{where}: required keys not set: {', '.join(missing)}")
+    validate(cfg, where)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _one_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    keep = [ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "reference_type="))]
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
+    msg = keep[0] if keep else type(e).__name__
+    return f"{key}: {msg}" if key and key not in msg else msg
+
+
+def _check(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}: {msg}")
+
+
+_CHOICES = {
+    "actor.loss_agg_mode": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
+    "critic.loss_agg_mode": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
+    "actor.kl_loss_type": ("k1", "k2", "k3", "abs"),
+    "algorithm.kl_penalty": ("k1", "k2", "k3", "abs"),
+    "algorithm.kl_ctrl.type": ("fixed", "adaptive"),
+    "data.overlong": ("filter", "truncate_left", "error"),
+    "actor.optim.schedule": ("constant", "cosine"),
+    "critic.optim.schedule": ("constant", "cosine"),
+}
+
+
+def validate(cfg: Any, where: str = "config") -> None:
+    """Checks that need more than one key; each failure names the keys and a fix."""
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        _check(value in choices, where, f"{key}={value!r} is not one of {', '.join(choices)}")
+    t, a, r = cfg.trainer, cfg.actor, cfg.rollout
+    _check(t.num_workers >= 1, where, f"trainer.num_workers={t.num_workers} must be >= 1")
+    _check(r.n >= 1, where, f"rollout.n={r.n} must be >= 1")
+    _check(t.total_steps >= 1, where, f"trainer.total_steps={t.total_steps} must be >= 1")
+    rollout_size = cfg.data.train_batch_size * r.n
+    _check(
+        rollout_size % a.mini_batch_size == 0,
+        where,
+        f"data.train_batch_size * rollout.n = {rollout_size} is not divisible by "
+        f"actor.mini_batch_size={a.mini_batch_size}",
+    )
+    _check(
+        a.mini_batch_size % t.num_workers == 0,
+        where,
+        f"actor.mini_batch_size={a.mini_batch_size} is not divisible by trainer.num_workers={t.num_workers}",
+    )
+    per_rank = a.mini_batch_size // t.num_workers
+    _check(
+        per_rank % a.micro_batch_size == 0,
+        where,
+        f"actor.mini_batch_size / trainer.num_workers = {per_rank} is not divisible by "
+        f"actor.micro_batch_size={a.micro_batch_size}",
+    )
+    _check(a.clip_ratio_low > 0 and a.clip_ratio_high > 0, where, "actor.clip_ratio_low/high must be > 0")
+    _check(
+        a.dual_clip_c is None or a.dual_clip_c > 1.0,
+        where,
+        f"actor.dual_clip_c={a.dual_clip_c} must be > 1 (or null to disable)",
+    )
+    _check(r.temperature > 0, where, f"rollout.temperature={r.temperature} must be > 0 for training")
+    _check(bool(cfg.data.train_files), where, "data.train_files is empty: name at least one parquet/JSONL file")
+    _check(bool(a.model.path), where, "actor.model.path is not set: name a Hugging Face model folder")
+    _check(
+        not cfg.critic.enable or bool(cfg.critic.model.path),
+        where,
+        "critic.enable=true but critic.model.path is not set",
+    )

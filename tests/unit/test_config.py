@@ -1,0 +1,49 @@
+import pytest
+
+from flowrl.config import ConfigError, load_config
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("actor:\n  model:\n    path: /models/tiny\ndata:\n  train_files: [train.jsonl]\n")
+    return path
+
+
+def test_defaults_recipe_and_overrides_layer(recipe):
+    cfg = load_config(recipe, ["trainer.total_steps=3", "rollout.n=4"])
+    assert cfg.actor.model.path == "/models/tiny"  # from the recipe
+    assert cfg.trainer.total_steps == 3 and cfg.rollout.n == 4  # from the overrides
+    assert cfg.actor.clip_ratio_low == 0.2  # from the dataclass default
+    with pytest.raises(Exception):
+        cfg.trainer.total_steps = 5  # read-only after load
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.bogus=1"], "trainer.bogus: Key 'bogus' not in 'TrainerConfig'"),
+        (["trainer.total_steps=abc"], "trainer.total_steps"),
+        (["actor.mini_batch_size=3"], "not divisible by actor.mini_batch_size=3"),
+        (["trainer.num_workers=3"], "not divisible by trainer.num_workers=3"),
+        (["actor.micro_batch_size=3"], "not divisible by actor.micro_batch_size=3"),
+        (["actor.loss_agg_mode=mean"], "actor.loss_agg_mode='mean' is not one of"),
+        (["critic.enable=true"], "critic.model.path is not set"),
+        (["data.train_files=[]"], "data.train_files is empty"),
+        (["actor.dual_clip_c=0.5"], "actor.dual_clip_c=0.5 must be > 1"),
+        (["rollout.temperature=0"], "rollout.temperature=0"),
+    ],
+)
+def test_bad_values_name_the_key(recipe, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")) as e:
+        load_config(recipe, overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("actor: [\n")
+    with pytest.raises(ConfigError, match="bad.yaml: cannot read it"):
+        load_config(bad)
