@@ -164,7 +164,7 @@ def reinforce_pp(batch: Batch, cfg: AdvantageConfig) -> Pair:
 def reinforce_pp_baseline(batch: Batch, cfg: AdvantageConfig) -> Pair:
     """REINFORCE++-baseline (Hu et al. 2025, arXiv:2501.03262).
 
-        A_i = r_i - mean_g(r),   then whitened over the batch's valid tokens.
+    A_i = r_i - mean_g(r),   then whitened over the batch's valid tokens.
     """
     mask = batch[Keys.RESPONSE_MASK]
     centered = grpo_scores(_scores(batch), batch[Keys.GROUP_IDS], norm_by_std=False, eps=0.0)  # [B]

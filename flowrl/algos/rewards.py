@@ -1,7 +1,7 @@
 """From sequence scores to per-token rewards, optionally with a KL penalty to the reference.
 
-    token_scores[b, t] = score_b if t is the last valid response token of b, else 0
-    token_rewards      = token_scores - beta * KL_t(pi || ref)          (Ziegler et al. 2019)
+token_scores[b, t] = score_b if t is the last valid response token of b, else 0
+token_rewards      = token_scores - beta * KL_t(pi || ref)          (Ziegler et al. 2019)
 """
 
 from __future__ import annotations

@@ -95,7 +95,9 @@ def test_gae_estimator_whitens_advantages_not_returns():
     assert abs(masked_mean(adv, mask).item()) < 1e-6
     assert_close(masked_var(adv, mask), torch.tensor(1.0))
     assert (adv[mask == 0] == 0).all()
-    unwhitened, _ = compute_advantages(batch, AdvantageConfig(estimator="gae", gamma=0.9, lam=0.95, whiten=False))
+    unwhitened, _ = compute_advantages(
+        batch, AdvantageConfig(estimator="gae", gamma=0.9, lam=0.95, whiten=False)
+    )
     assert_close(unwhitened, raw_adv)
 
 
@@ -105,10 +107,14 @@ def test_grpo_by_hand():
     # group 1: [4, 6]    mean 5, unbiased std sqrt((1 + 1) / 1) = sqrt(2)
     # group 2: [7]       size 1 -> 0
     eps = 1e-6
-    expected = torch.tensor([0.0, -1 / (1 + eps), 1 / (1 + eps), -1 / (math.sqrt(2) + eps), 1 / (math.sqrt(2) + eps), 0])
+    expected = torch.tensor(
+        [0.0, -1 / (1 + eps), 1 / (1 + eps), -1 / (math.sqrt(2) + eps), 1 / (math.sqrt(2) + eps), 0]
+    )
     assert_close(grpo_scores(SCORES, GROUPS, norm_by_std=True, eps=eps), expected)
     # Dr. GRPO: no std division
-    assert_close(grpo_scores(SCORES, GROUPS, norm_by_std=False, eps=eps), torch.tensor([0.0, -1, 1, -1, 1, 0]))
+    assert_close(
+        grpo_scores(SCORES, GROUPS, norm_by_std=False, eps=eps), torch.tensor([0.0, -1, 1, -1, 1, 0])
+    )
 
 
 def test_group_of_identical_scores_gets_zero_advantage():
@@ -179,8 +185,13 @@ def test_grpo_estimator_broadcasts_over_valid_tokens():
 
 def test_remax_by_hand():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
-    batch = Batch({Keys.SCORES: torch.tensor([1.0, 0.5]), Keys.BASELINE_SCORES: torch.tensor([0.25, 1.0]),
-                   Keys.RESPONSE_MASK: mask})
+    batch = Batch(
+        {
+            Keys.SCORES: torch.tensor([1.0, 0.5]),
+            Keys.BASELINE_SCORES: torch.tensor([0.25, 1.0]),
+            Keys.RESPONSE_MASK: mask,
+        }
+    )
     adv, _ = compute_advantages(batch, AdvantageConfig(estimator="remax"))
     assert_close(adv, torch.tensor([[0.75, 0.75, 0.0], [-0.5, -0.5, -0.5]]))
 
@@ -214,11 +225,16 @@ def _full_batch(seed: int) -> Batch:
     groups = _random_groups(g, 4)
     n = len(groups)
     mask = _random_mask(g, n, 6, holes=False)
-    return Batch({
-        Keys.SCORES: torch.randn(n, generator=g), Keys.BASELINE_SCORES: torch.randn(n, generator=g),
-        Keys.GROUP_IDS: groups, Keys.RESPONSE_MASK: mask,
-        Keys.TOKEN_REWARDS: torch.randn(n, 6, generator=g), Keys.VALUES: torch.randn(n, 6, generator=g),
-    })
+    return Batch(
+        {
+            Keys.SCORES: torch.randn(n, generator=g),
+            Keys.BASELINE_SCORES: torch.randn(n, generator=g),
+            Keys.GROUP_IDS: groups,
+            Keys.RESPONSE_MASK: mask,
+            Keys.TOKEN_REWARDS: torch.randn(n, 6, generator=g),
+            Keys.VALUES: torch.randn(n, 6, generator=g),
+        }
+    )
 
 
 @pytest.mark.parametrize("name", ["gae", "grpo", "rloo", "remax", "reinforce_pp", "reinforce_pp_baseline"])
@@ -245,8 +261,13 @@ def test_missing_key_names_its_provider():
 
 
 def test_scores_must_be_one_per_sequence():
-    batch = Batch({Keys.SCORES: torch.zeros(2, 1), Keys.GROUP_IDS: torch.zeros(2, dtype=torch.long),
-                   Keys.RESPONSE_MASK: torch.ones(2, 3)})
+    batch = Batch(
+        {
+            Keys.SCORES: torch.zeros(2, 1),
+            Keys.GROUP_IDS: torch.zeros(2, dtype=torch.long),
+            Keys.RESPONSE_MASK: torch.ones(2, 3),
+        }
+    )
     with pytest.raises(ValueError, match=r"must be \[B\]"):
         compute_advantages(batch, AdvantageConfig(estimator="grpo"))
 

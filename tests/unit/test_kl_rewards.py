@@ -56,7 +56,9 @@ def test_k1_and_k3_are_unbiased_and_k3_has_lower_variance():
 
 
 def test_token_scores_on_last_valid_token():
-    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]])
+    mask = torch.tensor(
+        [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]]
+    )
     out = token_scores(torch.tensor([1.0, 2.0, 3.0, 4.0]), mask)
     assert out.tolist() == [[0, 1, 0, 0], [0, 0, 0, 2], [0, 0, 0, 0], [0, 0, 4, 0]]
     with pytest.raises(ValueError, match=r"scores must be \[B\]=4"):

@@ -63,7 +63,9 @@ def test_aggregate_modes_by_hand():
     assert_close(aggregate(LOSS, LMASK, "seq-mean-token-sum"), torch.tensor((3 + 15) / 2))
     assert_close(aggregate(LOSS, LMASK, "seq-mean-token-mean"), torch.tensor((1.5 + 5.0) / 2))
     assert_close(aggregate(LOSS, LMASK, "token-mean", global_tokens=10), torch.tensor(18 / 10))
-    assert_close(aggregate(LOSS, LMASK, "seq-mean-token-sum", global_seqs=torch.tensor(6.0)), torch.tensor(3.0))
+    assert_close(
+        aggregate(LOSS, LMASK, "seq-mean-token-sum", global_seqs=torch.tensor(6.0)), torch.tensor(3.0)
+    )
     tokens, seqs = loss_counts(torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0]]))
     assert (tokens.item(), seqs.item()) == (3.0, 2.0)  # the empty row is not a sequence
 
@@ -89,7 +91,9 @@ def _random_rollout(seed: int, batch: int = 16, length: int = 7) -> dict[str, to
     }
 
 
-def _loss(logprobs: torch.Tensor, d: dict[str, torch.Tensor], rows: slice, mode: str, **counts) -> torch.Tensor:
+def _loss(
+    logprobs: torch.Tensor, d: dict[str, torch.Tensor], rows: slice, mode: str, **counts
+) -> torch.Tensor:
     loss, _ = ppo_clip_loss(logprobs[rows], d["old"][rows], d["adv"][rows], d["mask"][rows], 0.2, 0.28)
     return aggregate(loss, d["mask"][rows], mode, **counts)
 
