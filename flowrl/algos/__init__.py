@@ -1,0 +1,93 @@
+"""Pure RL algorithm functions: tensors in, tensors out; no Ray, no models, no globals.
+
+advantages  estimators ``fn(batch, cfg) -> (advantages, returns)``, registered by name
+losses      policy / value / entropy / KL loss terms -> (loss [B, R], metrics)
+aggregate   the one reduction of a [B, R] loss to a scalar, with global counts
+kl          KL estimators and KL-coefficient controllers
+rewards     sequence scores -> token rewards (with the KL penalty)
+importance  sampler vs trainer log-probs: mismatch metrics, truncated IS
+masked      masked sum / mean / var / whiten
+registry    the estimator and policy-loss registries
+"""
+
+from .advantages import (
+    broadcast_to_tokens,
+    compute_advantages,
+    discounted_returns,
+    gae_advantages,
+    group_stats,
+    grpo_scores,
+    rloo_scores,
+)
+from .aggregate import AGG_MODES, aggregate, loss_counts
+from .config import AdvantageConfig, KLControllerConfig, PolicyLossConfig
+from .importance import rollout_mismatch, tis_weights
+from .kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty, make_kl_controller
+from .losses import (
+    compute_policy_loss,
+    entropy_from_logits,
+    entropy_loss,
+    kl_loss,
+    pg_loss,
+    ppo_clip_loss,
+    value_loss,
+)
+from .masked import masked_mean, masked_sum, masked_var, masked_whiten
+from .registry import (
+    ESTIMATORS,
+    KEY_PROVIDERS,
+    POLICY_LOSSES,
+    EstimatorSpec,
+    check_estimator_inputs,
+    get_estimator,
+    get_policy_loss,
+    register_estimator,
+    register_policy_loss,
+)
+from .rewards import apply_kl_penalty, last_token_index, token_scores
+
+__all__ = [
+    "AGG_MODES",
+    "ESTIMATORS",
+    "KEY_PROVIDERS",
+    "KL_KINDS",
+    "POLICY_LOSSES",
+    "AdaptiveKLController",
+    "AdvantageConfig",
+    "EstimatorSpec",
+    "FixedKLController",
+    "KLControllerConfig",
+    "PolicyLossConfig",
+    "aggregate",
+    "apply_kl_penalty",
+    "broadcast_to_tokens",
+    "check_estimator_inputs",
+    "compute_advantages",
+    "compute_policy_loss",
+    "discounted_returns",
+    "entropy_from_logits",
+    "entropy_loss",
+    "gae_advantages",
+    "get_estimator",
+    "get_policy_loss",
+    "group_stats",
+    "grpo_scores",
+    "kl_loss",
+    "kl_penalty",
+    "last_token_index",
+    "loss_counts",
+    "make_kl_controller",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "pg_loss",
+    "ppo_clip_loss",
+    "register_estimator",
+    "register_policy_loss",
+    "rloo_scores",
+    "rollout_mismatch",
+    "tis_weights",
+    "token_scores",
+    "value_loss",
+]

@@ -1,0 +1,179 @@
+"""Advantage estimators: ``fn(batch, cfg) -> (advantages [B, R], returns [B, R])``.
+
+Each estimator is registered by name with the batch keys it reads; the tensor math lives
+in a pure function of tensors next to it (``gae_advantages``, ``group_baseline`` ...).
+Outputs are zero wherever the response mask is 0. Sequence-level estimators return
+the advantages as returns too (no critic is trained on them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flowrl.batch import Batch
+from flowrl.keys import Keys
+
+from .config import AdvantageConfig
+from .masked import masked_whiten
+from .registry import check_estimator_inputs, get_estimator, register_estimator
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+# ---- pure tensor functions ------------------------------------------------------
+def gae_advantages(
+    token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> Pair:
+    """Generalized advantage estimation (Schulman et al. 2016, arXiv:1506.02438).
+
+        delta_t = r_t + gamma * V_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * A_{t+1},     returns_t = A_t + V_t
+
+    t and t+1 run over valid tokens only: masked positions are skipped (a masked
+    position carries the next valid token's V and A through), and after the last
+    valid token V = A = 0 (no bootstrap). Inputs [B, R]; outputs [B, R], 0 where masked.
+    """
+    m = mask.to(values.dtype)  # [B, R]
+    next_value = torch.zeros_like(values[:, 0])  # [B]
+    next_adv = torch.zeros_like(values[:, 0])  # [B]
+    advantages = torch.zeros_like(values)  # [B, R]
+    for t in reversed(range(values.shape[1])):
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]  # [B]
+        adv = delta + gamma * lam * next_adv  # [B]
+        advantages[:, t] = adv * m[:, t]
+        next_adv = m[:, t] * adv + (1 - m[:, t]) * next_adv
+        next_value = m[:, t] * values[:, t] + (1 - m[:, t]) * next_value
+    returns = (advantages + values) * m  # [B, R]
+    return advantages, returns
+
+
+def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Return-to-go G_t = r_t + gamma * G_{t+1} over valid tokens (masked ones skipped) [B, R]."""
+    m = mask.to(token_rewards.dtype)  # [B, R]
+    next_ret = torch.zeros_like(token_rewards[:, 0])  # [B]
+    returns = torch.zeros_like(token_rewards)  # [B, R]
+    for t in reversed(range(token_rewards.shape[1])):
+        ret = token_rewards[:, t] + gamma * next_ret  # [B]
+        returns[:, t] = ret * m[:, t]
+        next_ret = m[:, t] * ret + (1 - m[:, t]) * next_ret
+    return returns
+
+
+def group_stats(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-sample (group mean, group unbiased std, group size) of ``scores`` [B] -> 3 x [B].
+
+    Group ids are any integers; samples sharing an id form a group of any size.
+    The std of a group of one is 0.
+    """
+    _, inverse = torch.unique(group_ids, return_inverse=True)  # [B] in 0..G-1
+    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    zeros = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device)  # [G]
+    size = zeros.index_add(0, inverse, torch.ones_like(scores))  # [G]
+    mean = zeros.index_add(0, inverse, scores) / size  # [G]
+    sq_dev = (scores - mean[inverse]) ** 2  # [B]
+    var = zeros.index_add(0, inverse, sq_dev) / (size - 1).clamp(min=1)  # [G]
+    return mean[inverse], var.sqrt()[inverse], size[inverse]
+
+
+def grpo_scores(scores: torch.Tensor, group_ids: torch.Tensor, norm_by_std: bool, eps: float) -> torch.Tensor:
+    """GRPO outcome advantage per sequence [B] (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300).
+
+        A_i = (r_i - mean_g(r)) / (std_g(r) + eps)     (norm_by_std=True)
+        A_i =  r_i - mean_g(r)                          (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783)
+
+    std is the unbiased group std; a group of one gets A = 0.
+    """
+    mean, std, _ = group_stats(scores, group_ids)  # [B] each
+    centered = scores - mean  # [B]
+    return centered / (std + eps) if norm_by_std else centered
+
+
+def rloo_scores(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """RLOO advantage per sequence [B] (Ahmadian et al. 2024, arXiv:2402.14740).
+
+        A_i = r_i - 1/(n-1) * sum_{j != i} r_j  =  n/(n-1) * (r_i - mean_g(r))
+
+    A group of one gets A = 0.
+    """
+    mean, _, size = group_stats(scores, group_ids)  # [B] each
+    return (scores - mean) * size / (size - 1).clamp(min=1)
+
+
+def broadcast_to_tokens(seq_adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A per-sequence value [B] repeated over the valid tokens of its response -> [B, R]."""
+    return seq_adv[:, None] * mask.to(seq_adv.dtype)
+
+
+# ---- registered estimators over a Batch -------------------------------------------
+def _scores(batch: Batch, key: str = Keys.SCORES) -> torch.Tensor:
+    scores: torch.Tensor = batch[key]
+    if scores.dim() != 1:
+        raise ValueError(f"batch[{key!r}] must be [B] (one score per sequence), got {tuple(scores.shape)}")
+    return scores.float()
+
+
+@register_estimator("gae", needs=(Keys.TOKEN_REWARDS, Keys.VALUES, Keys.RESPONSE_MASK))
+def gae(batch: Batch, cfg: AdvantageConfig) -> Pair:
+    """GAE(gamma, lam) with a critic; advantages whitened over valid tokens if ``cfg.whiten``."""
+    mask = batch[Keys.RESPONSE_MASK]
+    adv, ret = gae_advantages(batch[Keys.TOKEN_REWARDS], batch[Keys.VALUES], mask, cfg.gamma, cfg.lam)
+    if cfg.whiten:
+        adv = masked_whiten(adv, mask) * mask.to(adv.dtype)
+    return adv, ret
+
+
+@register_estimator("grpo", needs=(Keys.SCORES, Keys.GROUP_IDS, Keys.RESPONSE_MASK))
+def grpo(batch: Batch, cfg: AdvantageConfig) -> Pair:
+    """GRPO / Dr. GRPO group-normalized outcome advantage on every valid token."""
+    seq_adv = grpo_scores(_scores(batch), batch[Keys.GROUP_IDS], cfg.norm_by_std, cfg.eps)  # [B]
+    adv = broadcast_to_tokens(seq_adv, batch[Keys.RESPONSE_MASK])
+    return adv, adv
+
+
+@register_estimator("rloo", needs=(Keys.SCORES, Keys.GROUP_IDS, Keys.RESPONSE_MASK))
+def rloo(batch: Batch, cfg: AdvantageConfig) -> Pair:
+    """RLOO leave-one-out baseline on every valid token."""
+    adv = broadcast_to_tokens(rloo_scores(_scores(batch), batch[Keys.GROUP_IDS]), batch[Keys.RESPONSE_MASK])
+    return adv, adv
+
+
+@register_estimator("remax", needs=(Keys.SCORES, Keys.BASELINE_SCORES, Keys.RESPONSE_MASK))
+def remax(batch: Batch, cfg: AdvantageConfig) -> Pair:
+    """ReMax (Li et al. 2023, arXiv:2310.10505): A_t = r(x, y) - r(x, y_greedy) on every valid token."""
+    seq_adv = _scores(batch) - _scores(batch, Keys.BASELINE_SCORES)  # [B]
+    adv = broadcast_to_tokens(seq_adv, batch[Keys.RESPONSE_MASK])
+    return adv, adv
+
+
+@register_estimator("reinforce_pp", needs=(Keys.TOKEN_REWARDS, Keys.RESPONSE_MASK))
+def reinforce_pp(batch: Batch, cfg: AdvantageConfig) -> Pair:
+    """REINFORCE++ (Hu et al. 2025, arXiv:2501.03262).
+
+        G_t = sum_{s >= t} gamma^(s-t) r_s    (token rewards, KL penalty included)
+        A_t = (G_t - mean(G)) / std(G)         (mean, std over the batch's valid tokens)
+
+    Returns are the un-whitened G.
+    """
+    mask = batch[Keys.RESPONSE_MASK]
+    ret = discounted_returns(batch[Keys.TOKEN_REWARDS], mask, cfg.gamma)  # [B, R]
+    adv = masked_whiten(ret, mask) * mask.to(ret.dtype)  # [B, R]
+    return adv, ret
+
+
+@register_estimator("reinforce_pp_baseline", needs=(Keys.SCORES, Keys.GROUP_IDS, Keys.RESPONSE_MASK))
+def reinforce_pp_baseline(batch: Batch, cfg: AdvantageConfig) -> Pair:
+    """REINFORCE++-baseline (Hu et al. 2025, arXiv:2501.03262).
+
+    A_i = r_i - mean_g(r),   then whitened over the batch's valid tokens.
+    """
+    mask = batch[Keys.RESPONSE_MASK]
+    centered = grpo_scores(_scores(batch), batch[Keys.GROUP_IDS], norm_by_std=False, eps=0.0)  # [B]
+    adv = broadcast_to_tokens(centered, mask)  # [B, R]
+    adv = masked_whiten(adv, mask) * mask.to(adv.dtype)
+    return adv, adv
+
+
+def compute_advantages(batch: Batch, cfg: AdvantageConfig) -> Pair:
+    """Run the estimator named ``cfg.estimator`` after checking the batch has what it needs."""
+    check_estimator_inputs(cfg.estimator, batch.keys())
+    return get_estimator(cfg.estimator).fn(batch, cfg)

@@ -1,0 +1,181 @@
+"""Loss terms: each returns ``(loss [B, R] unreduced, metrics)``; ``aggregate`` reduces.
+
+Metrics are 0-dim detached tensors (masked means over this batch's valid tokens), so
+nothing here syncs with the device. Every loss is 0 where the mask is 0. The trainer
+combines terms before aggregating: aggregate is linear, so
+``aggregate(pg + c_kl * kl - c_ent * entropy)`` equals the same sum of aggregates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import PolicyLossConfig
+from .importance import rollout_mismatch, tis_weights
+from .kl import kl_penalty
+from .masked import masked_mean, masked_var
+from .registry import get_policy_loss, register_policy_loss
+
+LossAndMetrics = tuple[torch.Tensor, dict[str, torch.Tensor]]
+_LOG_RATIO_LIMIT = 20.0  # keeps exp(log ratio) finite
+
+
+def ppo_clip_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip_c: float | None = None,
+) -> LossAndMetrics:
+    """Clipped surrogate (Schulman et al. 2017, arXiv:1707.06347) with decoupled bounds.
+
+        r_t  = exp(logp_t - old_logp_t)
+        L_t  = max(-A_t r_t, -A_t clip(r_t, 1 - clip_low, 1 + clip_high))
+        L_t  = min(L_t, -c A_t)   where A_t < 0   (dual-clip, Ye et al. 2020, arXiv:1912.09729)
+
+    clip_high > clip_low is DAPO's clip-higher (Yu et al. 2025, arXiv:2503.14476).
+    Metrics: clipfrac (and its _low/_high parts), dual_clipfrac, ppo_kl = mean(old - new).
+    """
+    if dual_clip_c is not None and dual_clip_c <= 1.0:
+        raise ValueError(f"ppo_clip_loss: dual_clip_c={dual_clip_c} must be > 1 (typical: 3.0)")
+    m = mask.to(logprobs.dtype)  # [B, R]
+    log_ratio = (logprobs - old_logprobs).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)  # [B, R]
+    ratio = torch.exp(log_ratio)  # [B, R]
+    unclipped = -advantages * ratio  # [B, R]
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # [B, R]
+    loss = torch.maximum(unclipped, clipped)  # [B, R]
+    is_clipped = clipped > unclipped  # [B, R]
+    is_dual = torch.zeros_like(is_clipped)  # [B, R]
+    if dual_clip_c is not None:
+        bound = -advantages * dual_clip_c  # [B, R]
+        is_dual = (advantages < 0) & (loss > bound)
+        loss = torch.where(is_dual, bound, loss)
+    metrics = {
+        "clipfrac": masked_mean(is_clipped.to(m.dtype), m).detach(),
+        "clipfrac_high": masked_mean((is_clipped & (advantages > 0)).to(m.dtype), m).detach(),
+        "clipfrac_low": masked_mean((is_clipped & (advantages < 0)).to(m.dtype), m).detach(),
+        "dual_clipfrac": masked_mean(is_dual.to(m.dtype), m).detach(),
+        "ppo_kl": masked_mean(old_logprobs - logprobs, m).detach(),
+    }
+    return loss * m, metrics
+
+
+def pg_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
+) -> LossAndMetrics:
+    """Unclipped importance-weighted policy gradient: L_t = -A_t exp(logp_t - old_logp_t).
+
+    On-policy (r = 1) its gradient is REINFORCE's -A_t grad log pi (Williams 1992).
+    """
+    m = mask.to(logprobs.dtype)  # [B, R]
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT))  # [B, R]
+    metrics = {"ppo_kl": masked_mean(old_logprobs - logprobs, m).detach()}
+    return -advantages * ratio * m, metrics
+
+
+@register_policy_loss("ppo_clip")
+def _ppo_clip(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: PolicyLossConfig,
+) -> LossAndMetrics:
+    return ppo_clip_loss(
+        logprobs, old_logprobs, advantages, mask, cfg.clip_low, cfg.clip_high, cfg.dual_clip_c
+    )
+
+
+@register_policy_loss("pg")
+def _pg(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: PolicyLossConfig,
+) -> LossAndMetrics:
+    return pg_loss(logprobs, old_logprobs, advantages, mask)
+
+
+def compute_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: PolicyLossConfig,
+    rollout_logprobs: torch.Tensor | None = None,
+) -> LossAndMetrics:
+    """The registered loss ``cfg.name``; with ``rollout_logprobs`` also mismatch metrics and,
+    when ``cfg.tis_cap`` is set, the loss times the TIS weights min(pi_old / mu, cap)."""
+    loss, metrics = get_policy_loss(cfg.name)(logprobs, old_logprobs, advantages, mask, cfg)
+    if rollout_logprobs is None:
+        if cfg.tis_cap is not None:
+            raise ValueError("policy_loss.tis_cap is set but no rollout_logprobs were given; keep them")
+        return loss, metrics
+    metrics.update(rollout_mismatch(old_logprobs, rollout_logprobs, mask))
+    if cfg.tis_cap is not None:
+        weights = tis_weights(old_logprobs, rollout_logprobs, cfg.tis_cap)  # [B, R]
+        loss = loss * weights
+        metrics["tis_weight"] = masked_mean(weights, mask)
+    return loss, metrics
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float | None = 0.2,
+) -> LossAndMetrics:
+    """Clipped value loss (PPO2 baselines; Schulman et al. 2017).
+
+        V^clip_t = old_V_t + clip(V_t - old_V_t, -eps, eps)
+        L_t      = 0.5 * max((V_t - G_t)^2, (V^clip_t - G_t)^2)      (no clip: 0.5 (V_t - G_t)^2)
+
+    Metrics: vf_clipfrac, explained_var = 1 - Var(G - V) / Var(G), vpred (mean V).
+    """
+    m = mask.to(values.dtype)  # [B, R]
+    err = (values - returns) ** 2  # [B, R]
+    if clip_range is None:
+        loss, is_clipped = 0.5 * err, torch.zeros_like(err, dtype=torch.bool)
+    else:
+        clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)  # [B, R]
+        err_clipped = (clipped_values - returns) ** 2  # [B, R]
+        loss, is_clipped = 0.5 * torch.maximum(err, err_clipped), err_clipped > err
+    v, g = values.detach(), returns.detach()
+    metrics = {
+        "vf_clipfrac": masked_mean(is_clipped.to(m.dtype), m),
+        "explained_var": 1.0 - masked_var(g - v, m) / (masked_var(g, m) + 1e-8),
+        "vpred": masked_mean(v, m),
+    }
+    return loss * m, metrics
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H = logsumexp(z) - sum_v softmax(z)_v z_v over the last dim: [..., V] -> [...]."""
+    probs = torch.softmax(logits, dim=-1)  # [..., V]
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+
+
+def entropy_loss(entropy: torch.Tensor, mask: torch.Tensor) -> LossAndMetrics:
+    """Entropy bonus as a loss to minimize: L_t = -H_t (scale by the entropy coefficient)."""
+    m = mask.to(entropy.dtype)  # [B, R]
+    return -entropy * m, {"entropy": masked_mean(entropy.detach(), m)}
+
+
+def kl_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "low_var_kl",
+    clamp: float | None = 10.0,
+) -> LossAndMetrics:
+    """KL(pi || ref) as a loss term, L_t = k(logp_t, ref_logp_t) (GRPO puts k3 here, Shao 2024).
+
+    See :func:`flowrl.algos.kl.kl_penalty` for the estimators; metric ``kl_loss``.
+    """
+    m = mask.to(logprobs.dtype)  # [B, R]
+    kl = kl_penalty(logprobs, ref_logprobs, kind, clamp=clamp) * m  # [B, R]
+    return kl, {"kl_loss": masked_mean(kl.detach(), m)}
