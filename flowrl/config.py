@@ -15,6 +15,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from flowrl.algos.config import AdvantageConfig, KLControllerConfig, PolicyLossConfig
+from flowrl.algos.registry import ESTIMATORS, check_estimator_inputs
+from flowrl.keys import Keys
+
 
 class ConfigError(ValueError):
     """A recipe or override that cannot run; the message names the key and what to do."""
@@ -70,15 +74,12 @@ class ActorConfig:
     mini_batch_size: int = 8  # responses per optimizer step, over all ranks
     micro_batch_size: int = 4  # responses per forward/backward on one rank
     epochs: int = 1  # passes over each rollout batch
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2  # > clip_ratio_low: DAPO's clip-higher
-    dual_clip_c: float | None = None  # e.g. 3.0: dual-clip for negative advantages
+    policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
     entropy_coef: float = 0.0
     use_kl_loss: bool = False  # KL to the reference as a loss term (GRPO style)
     kl_loss_coef: float = 0.001
     kl_loss_type: str = "k3"  # k1 | k2 | k3 | abs
-    tis_cap: float | None = None  # truncated importance sampling with the sampler's log-probs
 
 
 @dataclass
@@ -95,27 +96,12 @@ class CriticConfig:
 
 
 @dataclass
-class KLControlConfig:
-    """KL penalty in the reward (InstructGPT): fixed or adaptive (Ziegler et al., 2019)."""
-
-    type: str = "fixed"  # fixed | adaptive
-    kl_coef: float = 0.001
-    target_kl: float = 0.1  # adaptive only
-    horizon: int = 10000  # adaptive only
-
-
-@dataclass
 class AlgorithmConfig:
-    """The advantage estimator and the reward shaping around it."""
+    """The advantage estimator and the KL penalty in the reward (InstructGPT style)."""
 
-    estimator: str = "grpo"  # gae | grpo | rloo | remax | reinforce_pp | reinforce_pp_baseline
-    gamma: float = 1.0
-    lam: float = 1.0
-    norm_adv_by_std: bool = True  # GRPO: divide by the group std (off = Dr. GRPO)
-    whiten_advantages: bool = True  # GAE / REINFORCE++: batch whitening
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     use_kl_in_reward: bool = False
-    kl_penalty: str = "k1"  # estimator of the in-reward KL
-    kl_ctrl: KLControlConfig = field(default_factory=KLControlConfig)
+    kl_ctrl: KLControllerConfig = field(default_factory=KLControllerConfig)
 
 
 @dataclass
@@ -214,8 +200,8 @@ _CHOICES = {
     "actor.loss_agg_mode": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
     "critic.loss_agg_mode": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
     "actor.kl_loss_type": ("k1", "k2", "k3", "abs"),
-    "algorithm.kl_penalty": ("k1", "k2", "k3", "abs"),
-    "algorithm.kl_ctrl.type": ("fixed", "adaptive"),
+    "algorithm.kl_ctrl.estimator": ("k1", "k2", "k3", "abs"),
+    "algorithm.kl_ctrl.kind": ("fixed", "adaptive"),
     "data.overlong": ("filter", "truncate_left", "error"),
     "actor.optim.schedule": ("constant", "cosine"),
     "critic.optim.schedule": ("constant", "cosine"),
@@ -250,11 +236,12 @@ def validate(cfg: Any, where: str = "config") -> None:
         f"actor.mini_batch_size / trainer.num_workers = {per_rank} is not divisible by "
         f"actor.micro_batch_size={a.micro_batch_size}",
     )
-    _check(a.clip_ratio_low > 0 and a.clip_ratio_high > 0, where, "actor.clip_ratio_low/high must be > 0")
+    pl = a.policy_loss
+    _check(pl.clip_low > 0 and pl.clip_high > 0, where, "actor.policy_loss.clip_low/clip_high must be > 0")
     _check(
-        a.dual_clip_c is None or a.dual_clip_c > 1.0,
+        pl.dual_clip_c is None or pl.dual_clip_c > 1.0,
         where,
-        f"actor.dual_clip_c={a.dual_clip_c} must be > 1 (or null to disable)",
+        f"actor.policy_loss.dual_clip_c={pl.dual_clip_c} must be > 1 (or null to disable)",
     )
     _check(r.temperature > 0, where, f"rollout.temperature={r.temperature} must be > 0 for training")
     _check(bool(cfg.data.train_files), where, "data.train_files is empty: name at least one parquet/JSONL file")
@@ -263,4 +250,29 @@ def validate(cfg: Any, where: str = "config") -> None:
         not cfg.critic.enable or bool(cfg.critic.model.path),
         where,
         "critic.enable=true but critic.model.path is not set",
+    )
+    _check_estimator(cfg, where)
+
+
+def _check_estimator(cfg: Any, where: str) -> None:
+    """The estimator exists and the recipe's workers produce every key it reads."""
+    name = cfg.algorithm.advantage.estimator
+    _check(
+        name in ESTIMATORS.names(),
+        where,
+        f"algorithm.advantage.estimator={name!r} is not registered; known: {', '.join(ESTIMATORS.names())}",
+    )
+    available = {Keys.SCORES, Keys.RESPONSE_MASK, Keys.TOKEN_REWARDS, Keys.GROUP_IDS, Keys.REF_LOGPROBS}
+    if cfg.critic.enable:
+        available |= {Keys.VALUES, Keys.OLD_VALUES}
+    if cfg.trainer.algorithm == "remax":
+        available.add(Keys.BASELINE_SCORES)
+    try:
+        check_estimator_inputs(name, available)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    _check(
+        name not in ("grpo", "rloo", "reinforce_pp_baseline") or cfg.rollout.n > 1,
+        where,
+        f"algorithm.advantage.estimator={name!r} compares samples of one prompt: set rollout.n > 1",
     )

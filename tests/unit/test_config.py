@@ -6,15 +6,17 @@ from flowrl.config import ConfigError, load_config
 @pytest.fixture
 def recipe(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("actor:\n  model:\n    path: /models/tiny\ndata:\n  train_files: [train.jsonl]\n")
+    path.write_text("actor:\n  model:\n    path: /models/tiny\ndata:\n  train_files: [train.jsonl]\nrollout:\n  n: 2\n")
     return path
 
 
 def test_defaults_recipe_and_overrides_layer(recipe):
     cfg = load_config(recipe, ["trainer.total_steps=3", "rollout.n=4"])
+    ppo = load_config(recipe, ["algorithm.advantage.estimator=gae", "critic.enable=true", "critic.model.path=/m"])
+    assert ppo.critic.enable
     assert cfg.actor.model.path == "/models/tiny"  # from the recipe
     assert cfg.trainer.total_steps == 3 and cfg.rollout.n == 4  # from the overrides
-    assert cfg.actor.clip_ratio_low == 0.2  # from the dataclass default
+    assert cfg.actor.policy_loss.clip_low == 0.2  # from the dataclass default
     with pytest.raises(Exception):
         cfg.trainer.total_steps = 5  # read-only after load
 
@@ -30,8 +32,12 @@ def test_defaults_recipe_and_overrides_layer(recipe):
         (["actor.loss_agg_mode=mean"], "actor.loss_agg_mode='mean' is not one of"),
         (["critic.enable=true"], "critic.model.path is not set"),
         (["data.train_files=[]"], "data.train_files is empty"),
-        (["actor.dual_clip_c=0.5"], "actor.dual_clip_c=0.5 must be > 1"),
+        (["actor.policy_loss.dual_clip_c=0.5"], "actor.policy_loss.dual_clip_c=0.5 must be > 1"),
         (["rollout.temperature=0"], "rollout.temperature=0"),
+        (["algorithm.advantage.estimator=gae"], "'gae' needs 'values', which only a critic provides"),
+        (["algorithm.advantage.estimator=remax"], "needs 'baseline_scores'"),
+        (["algorithm.advantage.estimator=nope"], "estimator='nope' is not registered"),
+        (["rollout.n=1"], "set rollout.n > 1"),
     ],
 )
 def test_bad_values_name_the_key(recipe, overrides, message):
