@@ -1,0 +1,195 @@
+"""Run reward functions with a hard per-call time limit.
+
+A Python thread cannot be stopped, so calls run in worker processes: each worker takes
+one call at a time, and a worker that runs past its deadline is killed (SIGKILL) and
+replaced; the other calls carry on. A worker that dies mid-call is replaced the same way.
+``num_workers=0`` runs calls inline instead, bounded by ``SIGALRM`` when called from the
+main thread (a C extension that never returns to the interpreter is only stopped by a
+worker process).
+
+This module imports only the standard library so that fresh workers start fast. Worker
+processes import ``__main__`` as ``__mp_main__`` (standard ``multiprocessing`` rule):
+scripts must keep their entry point under ``if __name__ == "__main__":``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import signal
+import threading
+import time
+import traceback
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Call = tuple[Callable[..., Any], tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # "ok" | "error" | "timeout"
+    value: Any  # the return value, or an error message
+
+
+def _serve(conn: Connection) -> None:
+    """Worker loop: receive (index, fn, args), send back (index, status, value)."""
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        index, fn, args = msg
+        try:
+            reply = (index, "ok", fn(*args))
+        except Exception as e:
+            reply = (index, "error", _describe(e))
+        try:
+            conn.send(reply)
+        except Exception as e:  # the result could not be pickled
+            conn.send((index, "error", f"the return value could not be sent back: {_describe(e)}"))
+
+
+def _describe(e: BaseException) -> str:
+    last = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
+    where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+class _Worker:
+    def __init__(self, ctx: Any) -> None:
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=_serve, args=(child,), daemon=True, name="flowrl-reward")
+        self.process.start()
+        child.close()
+        self.index: int | None = None
+        self.deadline = 0.0
+
+    def submit(self, index: int, call: Call, timeout_s: float) -> None:
+        self.index, self.deadline = index, time.monotonic() + timeout_s
+        self.conn.send((index, call[0], call[1]))
+
+    def stop(self, kill: bool) -> None:
+        if kill:
+            self.process.kill()
+        else:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+        self.process.join(timeout=2.0)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=2.0)
+        self.conn.close()
+
+
+def _stop_all(workers: list[_Worker]) -> None:
+    for w in workers:
+        w.stop(kill=w.index is not None)
+    workers.clear()
+
+
+class CallPool:
+    """A fixed number of worker processes running calls with a per-call deadline."""
+
+    def __init__(self, num_workers: int, context: str = "forkserver") -> None:
+        if num_workers <= 0:
+            raise ValueError(f"CallPool: num_workers={num_workers} must be positive (0 means inline calls)")
+        self.num_workers = num_workers
+        self._ctx = mp.get_context(context)
+        self._workers: list[_Worker] = []
+        self._finalizer = weakref.finalize(self, _stop_all, self._workers)
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.stop(kill=True)
+        self._workers[self._workers.index(worker)] = _Worker(self._ctx)
+
+    def run(self, calls: Sequence[Call], timeout_s: float) -> list[Outcome]:
+        """Outcome of every call, in order; never raises for a failing or hanging call."""
+        while len(self._workers) < self.num_workers:
+            self._workers.append(_Worker(self._ctx))
+        outcomes: list[Outcome | None] = [None] * len(calls)
+        pending = deque(range(len(calls)))
+        while pending or any(w.index is not None for w in self._workers):
+            for w in self._workers:
+                if w.index is None and pending:
+                    index = pending.popleft()
+                    w.submit(index, calls[index], timeout_s)
+            busy = [w for w in self._workers if w.index is not None]
+            wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+            ready = wait([w.conn for w in busy], timeout=wait_s)
+            for w in busy:
+                if w.conn in ready:
+                    self._collect(w, outcomes)
+                elif time.monotonic() >= w.deadline:
+                    outcomes[w.index] = Outcome("timeout", f"no result after {timeout_s:g} s")  # type: ignore[index]
+                    self._replace(w)
+        return outcomes  # type: ignore[return-value]
+
+    def _collect(self, w: _Worker, outcomes: list[Outcome | None]) -> None:
+        index = w.index
+        assert index is not None
+        try:
+            got, status, value = w.conn.recv()
+        except (EOFError, OSError):
+            code = w.process.exitcode
+            outcomes[index] = Outcome("error", f"the reward worker process died (exit code {code})")
+            self._replace(w)
+            return
+        if got != index:
+            raise RuntimeError(f"CallPool: worker answered call {got} while running call {index}")
+        outcomes[index] = Outcome(status, value)
+        w.index = None
+
+
+class _Timeout(BaseException):
+    """Raised by the alarm handler; a BaseException so `except Exception` in user code can't swallow it."""
+
+
+def run_inline(calls: Sequence[Call], timeout_s: float) -> list[Outcome]:
+    """Run calls in this thread; SIGALRM bounds each call when this is the main thread."""
+    can_alarm = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+    if not can_alarm:
+        log.warning("reward calls run inline outside the main thread: timeouts are not enforced")
+    outcomes = []
+    for fn, args in calls:
+        outcomes.append(_call_with_alarm(fn, args, timeout_s) if can_alarm else _call(fn, args))
+    return outcomes
+
+
+def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Outcome:
+    try:
+        return Outcome("ok", fn(*args))
+    except Exception as e:
+        return Outcome("error", _describe(e))
+
+
+def _call_with_alarm(fn: Callable[..., Any], args: tuple[Any, ...], timeout_s: float) -> Outcome:
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise _Timeout
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    start = time.monotonic()
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        return _call(fn, args)
+    except _Timeout:
+        return Outcome("timeout", f"no result after {timeout_s:g} s")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer_delay > 0:  # someone else's alarm (e.g. a test timeout) was pending: put it back
+            left = max(outer_delay - (time.monotonic() - start), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
