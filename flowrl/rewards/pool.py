@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import pickle
 import signal
 import threading
 import time
@@ -30,6 +31,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 Call = tuple[Callable[..., Any], tuple[Any, ...]]
+# Time a worker may take to receive a call (unpickling imports the function's module);
+# the call's own timeout starts when the worker reports it has begun.
+LOAD_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,11 @@ class Outcome:
 
 
 def _serve(conn: Connection) -> None:
-    """Worker loop: receive (index, fn, args), send back (index, status, value)."""
+    """Worker loop: receive (index, pickled (fn, args)); answer ("started", index), then ("done", index, status, value).
+
+    Unpickling a call imports the function's module, which may be slow the first time;
+    the "started" message tells the parent that the call's own clock starts now.
+    """
     while True:
         try:
             msg = conn.recv()
@@ -47,15 +55,21 @@ def _serve(conn: Connection) -> None:
             return
         if msg is None:
             return
-        index, fn, args = msg
+        index, payload = msg
         try:
-            reply = (index, "ok", fn(*args))
+            fn, args = pickle.loads(payload)
+        except Exception as e:  # e.g. the function's module is not importable here
+            conn.send(("done", index, "error", f"the call could not be loaded: {_describe(e)}"))
+            continue
+        conn.send(("started", index))
+        try:
+            reply = ("done", index, "ok", fn(*args))
         except Exception as e:
-            reply = (index, "error", _describe(e))
+            reply = ("done", index, "error", _describe(e))
         try:
             conn.send(reply)
         except Exception as e:  # the result could not be pickled
-            conn.send((index, "error", f"the return value could not be sent back: {_describe(e)}"))
+            conn.send(("done", index, "error", f"the return value could not be sent back: {_describe(e)}"))
 
 
 def _describe(e: BaseException) -> str:
@@ -70,12 +84,17 @@ class _Worker:
         self.process = ctx.Process(target=_serve, args=(child,), daemon=True, name="flowrl-reward")
         self.process.start()
         child.close()
-        self.index: int | None = None
+        self.index: int | None = None  # the call it runs, if any
+        self.started = False  # whether that call has been unpickled and begun
         self.deadline = 0.0
 
-    def submit(self, index: int, call: Call, timeout_s: float) -> None:
-        self.index, self.deadline = index, time.monotonic() + timeout_s
-        self.conn.send((index, call[0], call[1]))
+    def submit(self, index: int, payload: bytes) -> None:
+        self.index, self.started = index, False
+        self.deadline = time.monotonic() + LOAD_TIMEOUT_S
+        try:
+            self.conn.send((index, payload))
+        except OSError:  # the worker is gone: reading its pipe will report that
+            pass
 
     def stop(self, kill: bool) -> None:
         if kill:
@@ -124,33 +143,46 @@ class CallPool:
         pending = deque(range(len(calls)))
         while pending or any(w.index is not None for w in self._workers):
             for w in self._workers:
-                if w.index is None and pending:
+                while w.index is None and pending:
                     index = pending.popleft()
-                    w.submit(index, calls[index], timeout_s)
+                    try:
+                        payload = pickle.dumps(calls[index])
+                    except Exception as e:
+                        outcomes[index] = Outcome("error", f"the call could not be pickled: {_describe(e)}")
+                        continue
+                    w.submit(index, payload)
+            if not any(w.index is not None for w in self._workers):
+                break
             busy = [w for w in self._workers if w.index is not None]
             wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
             ready = wait([w.conn for w in busy], timeout=wait_s)
             for w in busy:
                 if w.conn in ready:
-                    self._collect(w, outcomes)
+                    self._receive(w, outcomes, timeout_s)
                 elif time.monotonic() >= w.deadline:
-                    outcomes[w.index] = Outcome("timeout", f"no result after {timeout_s:g} s")  # type: ignore[index]
+                    limit = timeout_s if w.started else LOAD_TIMEOUT_S
+                    what = "no result" if w.started else "the call was not even received"
+                    outcomes[w.index] = Outcome("timeout", f"{what} after {limit:g} s")  # type: ignore[index]
                     self._replace(w)
         return outcomes  # type: ignore[return-value]
 
-    def _collect(self, w: _Worker, outcomes: list[Outcome | None]) -> None:
+    def _receive(self, w: _Worker, outcomes: list[Outcome | None], timeout_s: float) -> None:
         index = w.index
         assert index is not None
         try:
-            got, status, value = w.conn.recv()
+            msg = w.conn.recv()
         except (EOFError, OSError):
+            w.process.join(timeout=1.0)  # reap it to read the exit code
             code = w.process.exitcode
             outcomes[index] = Outcome("error", f"the reward worker process died (exit code {code})")
             self._replace(w)
             return
-        if got != index:
-            raise RuntimeError(f"CallPool: worker answered call {got} while running call {index}")
-        outcomes[index] = Outcome(status, value)
+        if msg[1] != index:
+            raise RuntimeError(f"CallPool: worker answered call {msg[1]} while running call {index}")
+        if msg[0] == "started":
+            w.started, w.deadline = True, time.monotonic() + timeout_s
+            return
+        outcomes[index] = Outcome(msg[2], msg[3])
         w.index = None
 
 
