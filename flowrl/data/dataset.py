@@ -77,7 +77,10 @@ def render_chat(
             f"{ref}: the tokenizer has no chat template; use an instruct/chat tokenizer "
             "or set tokenizer.chat_template"
         )
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if not isinstance(text, str):
+        raise TypeError(f"{ref}: apply_chat_template returned {type(text).__name__}, expected text")
+    return text
 
 
 def tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
@@ -108,7 +111,7 @@ class PromptDataset:
                 kept = self._handle_overlong(ref, ids, tokenizer)
                 if kept is None:
                     continue
-                ids, text = kept, tokenizer.decode(kept, skip_special_tokens=False)
+                ids, text = kept, str(tokenizer.decode(kept, skip_special_tokens=False))
             self.items.append(_item(row, text, ids))
         self.stats["n_kept"] = len(self.items)
         log.info("prompt dataset %s: %s", paths, self.stats)

@@ -44,7 +44,6 @@ class RewardConfig:
     kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # data_source or "*" -> kwargs
     timeout_s: float = 10.0  # per call; a call past it scores 0 and counts in reward/timeouts
     num_workers: int = 2  # worker processes; 0 runs calls inline (SIGALRM timeouts, main thread)
-    mp_context: str = "forkserver"  # how workers start: "forkserver", "spawn" or "fork"
 
 
 def load_function(path: str) -> Callable[..., Any]:

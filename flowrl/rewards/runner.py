@@ -57,18 +57,17 @@ class RewardRunner:
         resolver: Callable[[str], RewardFn],
         timeout_s: float = 10.0,
         num_workers: int = 2,
-        mp_context: str = "forkserver",
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"reward.timeout_s={timeout_s} must be positive")
         if num_workers < 0:
             raise ValueError(f"reward.num_workers={num_workers} must be >= 0 (0 runs inline)")
         self.resolver, self.timeout_s = resolver, timeout_s
-        self._pool = CallPool(num_workers, mp_context) if num_workers > 0 else None
+        self._pool = CallPool(num_workers) if num_workers > 0 else None
 
     @classmethod
     def from_config(cls, config: RewardConfig) -> RewardRunner:
-        return cls(RewardResolver(config), config.timeout_s, config.num_workers, config.mp_context)
+        return cls(RewardResolver(config), config.timeout_s, config.num_workers)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -168,10 +167,9 @@ def compute_scores(
     fn_resolver: Callable[[str], RewardFn],
     timeout_s: float = 10.0,
     num_workers: int = 2,
-    mp_context: str = "forkserver",
 ) -> tuple[Batch, dict[str, float]]:
     """One-shot scoring: (Batch with SCORES/REWARD_STATUS/REWARD_EXTRA, metrics)."""
-    with RewardRunner(fn_resolver, timeout_s, num_workers, mp_context) as runner:
+    with RewardRunner(fn_resolver, timeout_s, num_workers) as runner:
         scored = runner.score(batch)
     scored_with_source = scored | batch.select(Keys.DATA_SOURCE, meta=False)
     return scored, reward_metrics(scored_with_source)

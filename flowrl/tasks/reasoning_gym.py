@@ -55,7 +55,8 @@ def write_splits(
 
     test = make_rows(task, n_test, 2 * seed + 1, "test")
     test_questions = {r["prompt"][0]["content"] for r in test}
-    train = [r for r in make_rows(task, n_train, 2 * seed, "train") if r["prompt"][0]["content"] not in test_questions]
+    train = make_rows(task, n_train, 2 * seed, "train")
+    train = [r for r in train if r["prompt"][0]["content"] not in test_questions]
     out = os.fspath(out_dir)
     return {
         "train": write_rows(os.path.join(out, f"train.{fmt}"), train),

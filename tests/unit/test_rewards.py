@@ -1,5 +1,8 @@
 """Rule rewards: GSM8K scoring, the registry, and a runner that survives bad reward functions."""
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -121,7 +124,8 @@ def test_runner_survives_bad_functions_in_worker_processes():
     assert scored[Keys.SCORES].dtype == torch.float32
     assert scored[Keys.SCORES].tolist() == [0.0] * 9 + [1.0, 0.0, 1.0]
     assert scored[Keys.REWARD_STATUS].tolist() == [int(EXPECTED_STATUS[s]) for s in SOURCES]
-    assert metrics["reward/errors"] == 2 and metrics["reward/timeouts"] == 2 and metrics["reward/invalid"] == 4
+    assert metrics["reward/errors"] == 2 and metrics["reward/timeouts"] == 2
+    assert metrics["reward/invalid"] == 4
     assert metrics["reward/score_mean"] == pytest.approx(2 / 12)
     assert metrics["reward/length_mean"] == 1.0  # only successful calls' extras
     assert metrics["reward/score_mean/ok"] == 0.5
@@ -180,3 +184,37 @@ def test_function_not_importable_in_the_worker_is_an_error_not_a_crash(tmp_path)
     sys.modules.pop("vanishing_reward_mod", None)
     assert scored[Keys.REWARD_STATUS].tolist() == [1, 1]
     assert "could not be loaded: ModuleNotFoundError" in scored[Keys.REWARD_EXTRA][0]["error"]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" in f.read()  # exited, waiting to be reaped
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_worker_exits_when_its_parent_is_killed(tmp_path):
+    script = (
+        "import sys\n"
+        "from flowrl.rewards.pool import CallPool, _Worker\n"
+        "from misbehaving_rewards import spinning_fn\n"
+        "pool = CallPool(1)\n"
+        "pool._workers.append(_Worker())\n"
+        "print(pool._workers[0].process.pid, flush=True)\n"
+        "pool.run([(spinning_fn, ('p', 'r', 't', {}))], timeout_s=600)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.path.dirname(__file__)]))
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        worker_pid = int(parent.stdout.readline())
+        time.sleep(0.5)  # the worker is now spinning
+        assert not _gone(worker_pid)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 5.0
+    while not _gone(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(worker_pid), "the orphaned reward worker kept running"
