@@ -10,7 +10,8 @@ worker process).
 Workers are fresh interpreters running this module (``python -m flowrl.rewards.pool``)
 over a socket, not ``multiprocessing`` children: they neither inherit the parent's
 threads (fork) nor re-run its ``__main__`` script (spawn/forkserver re-import it, which
-costs seconds for a driver that imports torch), so a replacement starts in ~0.1 s. They
+costs seconds for a driver that imports torch), so a replacement starts in well under a
+second (0.26 s for two workers plus 4 calls, measured on the 2-core dev machine). They
 see the parent's ``sys.path``; a worker whose parent is gone exits by itself. This module
 imports only the standard library so that workers start fast.
 """
