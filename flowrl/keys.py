@@ -22,15 +22,16 @@ class Keys:
     VALUES = "values"  # [B, R] float32, critic values V(s_t)
     OLD_VALUES = "old_values"  # [B, R] float32, critic values before the update
     SCORES = "scores"  # [B] float32, sequence-level reward (rule or reward model)
+    REWARD_STATUS = "reward_status"  # [B] int64, rule-reward call: 0 ok, 1 error, 2 timeout, 3 invalid
     TOKEN_SCORES = "token_scores"  # [B, R] float32, score placed on the last response token
     TOKEN_REWARDS = "token_rewards"  # [B, R] float32, token scores minus the KL penalty
     ADVANTAGES = "advantages"  # [B, R] float32
     RETURNS = "returns"  # [B, R] float32, value targets
     GROUP_IDS = "group_ids"  # [B] int64, contiguous ids; samples of one prompt share an id
     BASELINE_SCORES = "baseline_scores"  # [B] float32, e.g. ReMax's greedy-rollout score
-    CHOSEN_IDS = "chosen_ids"  # [B, L] int64, reward-model pair: preferred sequence
+    CHOSEN_IDS = "chosen_ids"  # [B, L] int64, reward-model pair: preferred sequence, right-padded
     CHOSEN_MASK = "chosen_mask"  # [B, L] int64
-    REJECTED_IDS = "rejected_ids"  # [B, L] int64, reward-model pair: other sequence
+    REJECTED_IDS = "rejected_ids"  # [B, L] int64, reward-model pair: other sequence (same L as chosen)
     REJECTED_MASK = "rejected_mask"  # [B, L] int64
     LOSS_MASK = "loss_mask"  # [B, L] float32, SFT: 1 on tokens the loss counts (next-token targets)
     INPUT_IDS = "input_ids"  # [B, L] int64, SFT: right-padded full sequences
@@ -43,5 +44,6 @@ class Keys:
     GROUND_TRUTH = "ground_truth"  # Any, reward_model.ground_truth of the row
     DATA_SOURCE = "data_source"  # str, selects the rule reward
     EXTRA_INFO = "extra_info"  # dict, passed to reward functions
+    REWARD_EXTRA = "reward_extra"  # dict, extra values a reward function returned (or {"error": msg})
     FINISH_REASON = "finish_reason"  # str, "stop" or "length"
     WORKER_TAG = "worker_tag"  # str, which rank produced the row (tests, debugging)

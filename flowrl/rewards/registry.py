@@ -1,0 +1,104 @@
+"""Choosing the reward function of each sample.
+
+A reward function is a plain callable::
+
+    fn(prompt: str, response: str, ground_truth: Any, extra: dict) -> float | dict
+
+returning a score, or a dict with a ``"score"`` and other numeric values to log.
+``RewardResolver`` maps a row's ``data_source`` to its function, in this order:
+
+1. ``config.by_source[data_source]``: a dotted path ``"pkg.module:function"``;
+2. ``config.function``: a dotted path that scores every data source;
+3. the built-in default for known sources (``DEFAULT_SOURCES``, and
+   ``reasoning_gym/<task>`` when the ``reasoning-gym`` package is installed).
+
+``config.kwargs[data_source]`` (or ``config.kwargs["*"]`` for every source) are keyword
+arguments bound to the chosen function, e.g. ``{"openai/gsm8k": {"method": "flexible"}}``.
+Functions are looked up by dotted path so that worker processes can import them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+RewardFn = Callable[[str, str, Any, dict], "float | dict[str, Any]"]
+
+DEFAULT_SOURCES: dict[str, str] = {
+    "openai/gsm8k": "flowrl.rewards.gsm8k:compute_score",
+    "gsm8k": "flowrl.rewards.gsm8k:compute_score",
+    "flowrl/arithmetic": "flowrl.tasks.arithmetic:compute_score",
+}
+REASONING_GYM_PREFIX = "reasoning_gym/"
+REASONING_GYM_FN = "flowrl.tasks.reasoning_gym:compute_score"
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    function: str | None = None  # "pkg.module:function" scoring every data source
+    by_source: dict[str, str] = field(default_factory=dict)  # data_source -> "pkg.module:function"
+    kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # data_source or "*" -> kwargs
+    timeout_s: float = 10.0  # per call; a call past it scores 0 and counts in reward/timeouts
+    num_workers: int = 2  # worker processes; 0 runs calls inline (SIGALRM timeouts, main thread)
+
+
+def load_function(path: str) -> Callable[..., Any]:
+    """Import ``"pkg.module:function"`` (``function`` may be dotted: ``Class.method``)."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward function {path!r}: write it as 'pkg.module:function'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"reward function {path!r}: cannot import module {module_name!r} ({e})") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"reward function {path!r}: module {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"reward function {path!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def reasoning_gym_available() -> bool:
+    return importlib.util.find_spec("reasoning_gym") is not None
+
+
+class RewardResolver:
+    """``resolver(data_source) -> reward function``, cached per data source."""
+
+    def __init__(self, config: RewardConfig = RewardConfig()) -> None:
+        self.config = config
+        self._cache: dict[str, RewardFn] = {}
+
+    def path_for(self, data_source: str) -> str:
+        cfg = self.config
+        if data_source in cfg.by_source:
+            return cfg.by_source[data_source]
+        if cfg.function is not None:
+            return cfg.function
+        if data_source in DEFAULT_SOURCES:
+            return DEFAULT_SOURCES[data_source]
+        if data_source.startswith(REASONING_GYM_PREFIX):
+            if not reasoning_gym_available():
+                raise ValueError(
+                    f"data_source {data_source!r} needs the reasoning-gym package: "
+                    "pip install 'flowrl[tasks]' (or reasoning-gym==0.1.25)"
+                )
+            return REASONING_GYM_FN
+        known = sorted(DEFAULT_SOURCES) + [REASONING_GYM_PREFIX + "<task>"]
+        raise ValueError(
+            f"no reward function for data_source {data_source!r} (built-in: {known}); set "
+            f"reward.by_source={{{data_source!r}: 'pkg.module:function'}} or reward.function"
+        )
+
+    def __call__(self, data_source: str) -> RewardFn:
+        if data_source not in self._cache:
+            fn = load_function(self.path_for(data_source))
+            kwargs = {**self.config.kwargs.get("*", {}), **self.config.kwargs.get(data_source, {})}
+            self._cache[data_source] = functools.partial(fn, **kwargs) if kwargs else fn
+        return self._cache[data_source]
