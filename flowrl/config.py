@@ -17,6 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from flowrl.algos.config import AdvantageConfig, KLControllerConfig, PolicyLossConfig
 from flowrl.algos.registry import ESTIMATORS, check_estimator_inputs
+from flowrl.data.dataset import PromptDataConfig
+from flowrl.rewards.registry import RewardConfig
 from flowrl.keys import Keys
 
 
@@ -111,20 +113,9 @@ class DataConfig:
     train_files: list[str] = field(default_factory=list)
     val_files: list[str] = field(default_factory=list)
     train_batch_size: int = 8  # prompts per step
-    max_prompt_length: int = 256
-    overlong: str = "filter"  # filter | truncate_left | error
+    prompts: PromptDataConfig = field(default_factory=PromptDataConfig)  # length limit, overlong policy
     shuffle: bool = True
     val_max_samples: int = -1  # -1: all
-
-
-@dataclass
-class RewardConfig:
-    """Rule rewards by data_source, or a function given by dotted path."""
-
-    function: str | None = None  # "package.module:function"; None picks by data_source
-    timeout_s: float = 10.0  # a sample whose reward takes longer scores 0 (and is counted)
-    num_workers: int = 1
-    reward_model: ModelConfig | None = None  # a learned reward model instead of rules
 
 
 @dataclass
@@ -154,7 +145,8 @@ class Config:
     critic: CriticConfig = field(default_factory=CriticConfig)
     reference: ModelConfig | None = None  # None: the policy's initial weights
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)  # rule rewards
+    reward_model: ModelConfig | None = None  # a learned reward model (sequence classifier) instead
 
 
 def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
@@ -202,7 +194,7 @@ _CHOICES = {
     "actor.kl_loss_type": ("k1", "k2", "k3", "abs"),
     "algorithm.kl_ctrl.estimator": ("k1", "k2", "k3", "abs"),
     "algorithm.kl_ctrl.kind": ("fixed", "adaptive"),
-    "data.overlong": ("filter", "truncate_left", "error"),
+    "data.prompts.overlong": ("filter", "truncate_left", "error"),
     "actor.optim.schedule": ("constant", "cosine"),
     "critic.optim.schedule": ("constant", "cosine"),
 }
