@@ -1,0 +1,118 @@
+"""The hybrid actor-rollout worker: an FSDP2 policy and a vLLM engine in one process.
+
+Per training step the driver calls, in order: ``generate`` (vLLM), ``compute_logprobs``
+(the trainer's log-probs before the update), ``update`` (the clipped policy-gradient
+step), ``sync_weights`` (stream the new weights into vLLM, in place).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from flowrl.algos import aggregate, compute_policy_loss, entropy_loss, kl_loss
+from flowrl.algos.config import PolicyLossConfig
+from flowrl.batch import Batch
+from flowrl.controller import Dispatch, Worker, register
+from flowrl.engines.fsdp import Normalizer
+from flowrl.engines.sync import sync_weights
+from flowrl.keys import Keys
+from flowrl.workers.engines import as_config, build_fsdp_engine, build_rollout
+
+Metrics = dict[str, float]
+
+
+class ActorRollout(Worker):
+    """Hybrid worker: trains the policy with FSDP2 and samples from it with vLLM."""
+
+    @register(Dispatch.ONE_TO_ALL)
+    def init_model(self, config: dict[str, Any]) -> None:
+        self.cfg: DictConfig = as_config(config)
+        self.init_distributed()
+        torch.manual_seed(self.cfg.trainer.seed)
+        self.trainer = build_fsdp_engine(self.cfg, self.cfg.actor.model, self.cfg.actor.optim, value_head=False)
+        self.rollout = build_rollout(self.cfg, self.rank)
+        self.tokenizer = self.rollout.llm.get_tokenizer()
+        self.loss_cfg = PolicyLossConfig(**self.cfg.actor.policy_loss)
+        self.sync_weights()  # vLLM loaded the checkpoint; this also proves the sync path at start-up
+
+    # ---- rollout -------------------------------------------------------------------
+    @register(Dispatch.DP_COMPUTE)
+    def generate(self, prompts: Batch, n: int = 1, temperature: float | None = None) -> Batch:
+        """``n`` responses per prompt (``aabb`` order) with response ids, mask, text and sampler log-probs."""
+        r = self.cfg.rollout
+        out = self.rollout.generate(
+            prompts,
+            n=n,
+            temperature=r.temperature if temperature is None else temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_tokens=r.max_response_length,
+            ignore_eos=r.ignore_eos,
+        )
+        ids, mask = out[Keys.RESPONSE_IDS], out[Keys.RESPONSE_MASK]
+        out[Keys.RESPONSE_TEXT] = [
+            self.tokenizer.decode(row[: int(m.sum())].tolist(), skip_special_tokens=True) for row, m in zip(ids, mask)
+        ]
+        return out
+
+    @register(Dispatch.ONE_TO_ALL)
+    def sync_weights(self) -> Metrics:
+        """Stream the FSDP2 weights into vLLM in place; returns seconds, bytes and GB/s."""
+        return sync_weights(self.trainer, self.rollout, self.cfg.rollout.sync_bucket_mb * 2**20)
+
+    # ---- training --------------------------------------------------------------------
+    @register(Dispatch.DP_COMPUTE)
+    def compute_logprobs(self, batch: Batch) -> Batch:
+        """The policy's log-probs (and entropies) of the responses before the update."""
+        logprobs, entropy = self.trainer.compute_logprobs(
+            batch, self.cfg.rollout.temperature, self.cfg.actor.micro_batch_size, with_entropy=True
+        )
+        return Batch({Keys.OLD_LOGPROBS: logprobs, Keys.ENTROPY: entropy})
+
+    @register(Dispatch.DP_COMPUTE)
+    def update(self, batch: Batch) -> list[Metrics]:
+        """``actor.epochs`` passes of mini-batch steps over this rank's share of the rollout."""
+        a = self.cfg.actor
+        per_rank = a.mini_batch_size // self.world_size
+        with_entropy = a.entropy_coef != 0.0
+        history = []
+        for _ in range(a.epochs):
+            for mini in batch.split(per_rank):
+                metrics = self.trainer.train_step(
+                    mini, self._loss, a.micro_batch_size, self.cfg.rollout.temperature, with_entropy
+                )
+                history.append({f"actor/{k}": v for k, v in metrics.items()})
+        return history
+
+    def _loss(self, micro: Batch, out: dict[str, torch.Tensor], norm: Normalizer) -> tuple[torch.Tensor, Metrics]:
+        a = self.cfg.actor
+        mask = micro[Keys.RESPONSE_MASK]  # [b, R]
+        rollout_lp = micro[Keys.ROLLOUT_LOGPROBS] if Keys.ROLLOUT_LOGPROBS in micro else None
+        pg, metrics = compute_policy_loss(
+            out[Keys.LOGPROBS], micro[Keys.OLD_LOGPROBS], micro[Keys.ADVANTAGES], mask, self.loss_cfg, rollout_lp
+        )  # [b, R]
+        loss = pg
+        if a.entropy_coef != 0.0:
+            ent, ent_metrics = entropy_loss(out[Keys.ENTROPY], mask)  # [b, R], -H
+            loss = loss + a.entropy_coef * ent
+            metrics.update(ent_metrics)
+        if a.use_kl_loss:
+            kl, kl_metrics = kl_loss(out[Keys.LOGPROBS], micro[Keys.REF_LOGPROBS], mask, a.kl_loss_type)
+            loss = loss + a.kl_loss_coef * kl
+            metrics.update({f"kl_loss/{k}": v for k, v in kl_metrics.items()})
+        metrics["pg_loss"] = aggregate(pg, mask, a.loss_agg_mode).detach()
+        total = aggregate(loss, mask, a.loss_agg_mode, norm.global_tokens, norm.global_seqs)
+        return total, {k: float(v) for k, v in metrics.items()}
+
+    # ---- checkpoints -------------------------------------------------------------------
+    @register(Dispatch.ONE_TO_ALL)
+    def save(self, path: str) -> None:
+        self.trainer.save(path)
+
+    @register(Dispatch.ONE_TO_ALL)
+    def load(self, path: str) -> None:
+        self.trainer.load(path)
+        self.sync_weights()

@@ -1,0 +1,65 @@
+"""Build the engines of a worker from the run config (the one place that maps one onto the other)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from flowrl.engines.fsdp import FSDPEngine, FSDPEngineConfig
+from flowrl.engines.optim import OptimizerConfig
+from flowrl.engines.vllm_rollout import VLLMRollout, VLLMRolloutConfig
+
+
+def as_config(cfg: DictConfig | dict[str, Any]) -> DictConfig:
+    """Workers receive the run config as a plain dict (cheap to pickle); read it back typed-ish."""
+    return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+
+
+def device_name(cfg: DictConfig) -> str:
+    if cfg.trainer.use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("trainer.use_gpu=true but this worker sees no CUDA device")
+    return "cuda" if cfg.trainer.use_gpu else "cpu"
+
+
+def build_fsdp_engine(cfg: DictConfig, model: DictConfig, optim: DictConfig | None, value_head: bool) -> FSDPEngine:
+    """An FSDP2 engine for the policy, the reference (``optim=None``) or the critic."""
+    optim_cfg = OptimizerConfig()
+    if optim is not None:
+        fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
+        given = {k: v for k, v in OmegaConf.to_container(optim).items() if k in fields}
+        optim_cfg = OptimizerConfig(**{**given, "total_steps": cfg.trainer.total_steps * _updates_per_step(cfg)})
+    return FSDPEngine(
+        FSDPEngineConfig(
+            model_path=model.path,
+            value_head=value_head,
+            device=device_name(cfg),
+            param_dtype=model.dtype,
+            gradient_checkpointing=model.gradient_checkpointing,
+            seed=cfg.trainer.seed,
+            optim=optim_cfg,
+        )
+    )
+
+
+def _updates_per_step(cfg: DictConfig) -> int:
+    rollout_size = cfg.data.train_batch_size * cfg.rollout.n
+    return cfg.actor.epochs * max(1, rollout_size // cfg.actor.mini_batch_size)
+
+
+def build_rollout(cfg: DictConfig, rank: int) -> VLLMRollout:
+    """The colocated vLLM engine; each rank samples with its own seed."""
+    r = cfg.rollout
+    return VLLMRollout(
+        VLLMRolloutConfig(
+            model_path=cfg.actor.model.path,
+            dtype=r.dtype,
+            max_model_len=cfg.data.prompts.max_prompt_length + r.max_response_length,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            enforce_eager=r.enforce_eager,
+            seed=cfg.trainer.seed + rank,
+            tensor_parallel_size=r.tensor_parallel_size,
+        )
+    )
