@@ -29,7 +29,9 @@ class DemoWorker(Worker):
     @register(Dispatch.DP_COMPUTE)
     def score(self, batch: Batch) -> Batch:
         """1.0 where the response equals the ground truth; tags each row with this rank."""
-        hits = [float(r.strip() == str(g)) for r, g in zip(batch[Keys.RESPONSE_TEXT], batch[Keys.GROUND_TRUTH])]
+        hits = [
+            float(r.strip() == str(g)) for r, g in zip(batch[Keys.RESPONSE_TEXT], batch[Keys.GROUND_TRUTH])
+        ]
         scores = torch.tensor(hits)  # [B]
         return Batch({Keys.SCORES: scores}, {Keys.WORKER_TAG: [f"rank {self.rank}"] * len(batch)})
 
@@ -45,7 +47,9 @@ def answers() -> Batch:
     questions = ["2 + 3", "7 * 6", "10 - 4", "9 / 3", "5 + 5"]
     responses = ["5", "42", "5", "3", "11"]
     truths = [5, 42, 6, 3, 10]
-    return Batch(non_tensors={Keys.PROMPT_TEXT: questions, Keys.RESPONSE_TEXT: responses, Keys.GROUND_TRUTH: truths})
+    return Batch(
+        non_tensors={Keys.PROMPT_TEXT: questions, Keys.RESPONSE_TEXT: responses, Keys.GROUND_TRUTH: truths}
+    )
 
 
 def main() -> None:
@@ -61,7 +65,9 @@ def main() -> None:
     batch = answers()
     scored = group.score(batch)  # 5 rows: padded to 6, 3 per rank, padding stripped again
     print("\nDP_COMPUTE  group.score(batch of 5 answers):")
-    for q, r, s, w in zip(batch[Keys.PROMPT_TEXT], batch[Keys.RESPONSE_TEXT], scored[Keys.SCORES], scored[Keys.WORKER_TAG]):
+    for q, r, s, w in zip(
+        batch[Keys.PROMPT_TEXT], batch[Keys.RESPONSE_TEXT], scored[Keys.SCORES], scored[Keys.WORKER_TAG]
+    ):
         print(f"  {q:>7} = {r:<3} score {s.item():.0f}   (scored on {w})")
 
     print("\nONE_TO_ALL  group.sum_over_ranks(1.5), a torch.distributed all_reduce (gloo) over both ranks:")

@@ -12,10 +12,10 @@ See docs/architecture.md for the flow, the dispatch modes, colocation, futures a
 """
 
 from flowrl.controller.dispatch import (
-    DPContext,
-    DPLayout,
     Dispatch,
     DispatchInfo,
+    DPContext,
+    DPLayout,
     Execute,
     Layout,
     Plan,

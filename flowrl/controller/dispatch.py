@@ -194,8 +194,12 @@ def dispatch_all_to_all(layout: Layout, args: tuple[Any, ...], kwargs: dict[str,
     n = layout.world_size
     for name, value in [*enumerate(args), *kwargs.items()]:
         if not isinstance(value, list | tuple) or len(value) != n:
-            got = f"{type(value).__name__} of length {len(value)}" if hasattr(value, "__len__") else repr(value)
-            raise ValueError(f"ALL_TO_ALL: argument {name!r} must be a list of {n} values (one per rank), got {got}")
+            got = (
+                f"{type(value).__name__} of length {len(value)}" if hasattr(value, "__len__") else repr(value)
+            )
+            raise ValueError(
+                f"ALL_TO_ALL: argument {name!r} must be a list of {n} values (one per rank), got {got}"
+            )
     calls = {r: (tuple(a[r] for a in args), {k: v[r] for k, v in kwargs.items()}) for r in range(n)}
     return Plan(calls)
 
@@ -265,7 +269,8 @@ def _split_all(dp: DPLayout, values: dict[Any, Any]) -> tuple[dict[Any, _Split],
     lengths = {name: s.length for name, s in splits.items()}
     if len(set(lengths.values())) > 1:
         raise ValueError(
-            f"DP_COMPUTE: the Batch arguments are split together, so their lengths must be equal; got {lengths}"
+            "DP_COMPUTE: the Batch arguments are split together, so their lengths must be equal; "
+            f"got {lengths}"
         )
     return splits, plain
 
@@ -293,7 +298,8 @@ def collect_dp_compute(layout: Layout, outputs: dict[int, Any], context: DPConte
         if wrong:
             raise ValueError(
                 f"DP_COMPUTE: the batch was padded by {context.pad} rows to split into {len(kept)} shards of "
-                f"{want}, but shards {list(wrong)} came back with {list(wrong.values())} rows, so the padding "
+                f"{want}, but shards {list(wrong)} came back with {list(wrong.values())} rows, "
+                "so the padding "
                 "cannot be stripped; return one row per input row, or send a batch size divisible by dp_size"
             )
     return Batch.concat(kept).unpad(context.pad)
@@ -310,4 +316,3 @@ def as_dispatch_info(value: Any, where: str) -> DispatchInfo:
     if isinstance(value, Sequence) and len(value) == 3:
         return DispatchInfo(int(value[0]), int(value[1]), bool(value[2]))
     raise TypeError(f"{where}: dispatch_info() must return (dp_rank, dp_size, is_collect), got {value!r}")
-

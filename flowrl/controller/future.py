@@ -64,6 +64,12 @@ class DataFuture:
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
         return len(ready) == len(refs)
 
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"a DataFuture ({self.label}) cannot be sent to a worker inside another object: pass it as a "
+            "top-level argument of a group method, or call .get() first"
+        )
+
     def __repr__(self) -> str:
         state = "materialized" if self.materialized else ("done" if self.done() else "pending")
         return f"DataFuture({self.label}, ranks={sorted(self.refs)}, {state})"

@@ -47,7 +47,7 @@ class WorkerHost:
     def _run(self, role: str, cls_name: str, method: str, fn: Any, args: tuple, kwargs: dict) -> Any:
         try:
             return fn(*args, **kwargs)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any worker error is reported to the driver
             rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
             where = f"{cls_name}.{method} (role {role!r}) failed on rank {rank} of {world}"
             message = (
@@ -56,4 +56,6 @@ class WorkerHost:
                 f"{traceback.format_exc()}"
             )
             rank_int = int(rank) if rank.isdigit() else -1
-            raise WorkerError(message, method=method, role=role, rank=rank_int, remote_type=type(e).__name__) from None
+            raise WorkerError(
+                message, method=method, role=role, rank=rank_int, remote_type=type(e).__name__
+            ) from None

@@ -52,16 +52,22 @@ class Processes:
         self.world_size = pool.num_bundles
         self.failure_grace_s = failure_grace_s
         self.dead: str | None = None
-        host = ray.remote(WorkerHost)
-        self.actors = [host.options(**pool.actor_options(i)).remote() for i in range(self.world_size)]
+        host: Any = ray.remote(WorkerHost)
+        self.actors: list[Any] = [
+            host.options(**pool.actor_options(i)).remote() for i in range(self.world_size)
+        ]
         try:
-            self.pids = self._start(roles, dict(env or {}), CallInfo(names, ",".join(roles), "__init__"), start_timeout_s)
+            self.pids = self._start(
+                roles, dict(env or {}), CallInfo(names, ",".join(roles), "__init__"), start_timeout_s
+            )
         except BaseException:
             self.kill("it failed to start")
             raise
 
-    def _start(self, roles: dict[str, RoleSpec], env: dict[str, str], info: CallInfo, timeout_s: float) -> list[int]:
-        everyone = {rank: ((), {}) for rank in range(self.world_size)}
+    def _start(
+        self, roles: dict[str, RoleSpec], env: dict[str, str], info: CallInfo, timeout_s: float
+    ) -> list[int]:
+        everyone: dict[int, Call] = {rank: ((), {}) for rank in range(self.world_size)}
         nodes = self.gather(self._submit_to("node", everyone), info, timeout=timeout_s)
         master_addr = nodes[0][0]
         master_port = ray.get(self.actors[0].free_port.remote())
@@ -90,7 +96,9 @@ class Processes:
         calls = _put_shared(calls)
         return {r: self.actors[r].call.remote(role, method, *a, **k) for r, (a, k) in calls.items()}
 
-    def gather(self, refs: dict[int, ray.ObjectRef], info: CallInfo, timeout: float | None = None) -> dict[int, Any]:
+    def gather(
+        self, refs: dict[int, ray.ObjectRef], info: CallInfo, timeout: float | None = None
+    ) -> dict[int, Any]:
         """Wait for every rank; the first failure is raised as soon as it is known."""
         self.check_alive()
         pending = {ref: rank for rank, ref in refs.items()}
@@ -102,7 +110,10 @@ class Processes:
             if not ready:
                 ranks = sorted(pending.values())
                 self.kill(f"{info.label} timed out")
-                raise WorkerError(f"{info.label}: ranks {ranks} did not answer within {timeout:g} s; the group was shut down")
+                raise WorkerError(
+                    f"{info.label}: ranks {ranks} did not answer within {timeout:g} s; "
+                    "the group was shut down"
+                )
             rank = pending.pop(ready[0])
             try:
                 results[rank] = ray.get(ready[0])
@@ -114,7 +125,9 @@ class Processes:
         """Decide what the failure means for the other ranks; returns the error to raise."""
         if not pending:
             return error
-        ready, stuck = ray.wait(list(pending), num_returns=len(pending), timeout=self.failure_grace_s, fetch_local=False)
+        ready, stuck = ray.wait(
+            list(pending), num_returns=len(pending), timeout=self.failure_grace_s, fetch_local=False
+        )
         also_failed = sorted(pending[ref] for ref in ready if _failed(ref))
         note = f"\n(ranks {also_failed} failed too.)" if also_failed else ""
         if stuck:
@@ -122,13 +135,18 @@ class Processes:
             self.kill(f"rank {error.rank} failed in {error.method} while ranks {stuck_ranks} waited")
             note += (
                 f"\nRanks {stuck_ranks} were still running {self.failure_grace_s:g} s after this failure "
-                "(probably waiting in a collective for the failed rank), so the group's processes were killed; "
+                "(probably waiting in a collective for the failed rank), "
+                "so the group's processes were killed; "
                 "create a new WorkerGroup to go on."
             )
         if not note:
             return error
         return WorkerError(
-            error.message + note, method=error.method, role=error.role, rank=error.rank, remote_type=error.remote_type
+            error.message + note,
+            method=error.method,
+            role=error.role,
+            rank=error.rank,
+            remote_type=error.remote_type,
         )
 
     def check_alive(self) -> None:
@@ -191,4 +209,6 @@ def _put_shared(calls: dict[int, Call]) -> dict[int, Call]:
             refs[id(value)] = ray.put(value)
         return refs[id(value)]
 
-    return {r: (tuple(share(v) for v in a), {n: share(v) for n, v in k.items()}) for r, (a, k) in calls.items()}
+    return {
+        r: (tuple(share(v) for v in a), {n: share(v) for n, v in k.items()}) for r, (a, k) in calls.items()
+    }

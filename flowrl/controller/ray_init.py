@@ -13,7 +13,12 @@ import flowrl
 
 # Driver environment variables that workers inherit (explicit env_vars override them).
 FORWARDED_PREFIXES = ("FLOWRL_", "VLLM_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "NCCL_", "GLOO_", "TORCH_")
-FORWARDED_NAMES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTORCH_CUDA_ALLOC_CONF", "CUDA_DEVICE_MAX_CONNECTIONS")
+FORWARDED_NAMES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "PYTORCH_CUDA_ALLOC_CONF",
+    "CUDA_DEVICE_MAX_CONNECTIONS",
+)
 
 
 def package_root() -> str:

@@ -33,7 +33,10 @@ class ResourcePool:
         ready_timeout_s: float = 30.0,
     ) -> None:
         if num_bundles < 1 or max_colocate_count < 1:
-            raise ValueError(f"ResourcePool: num_bundles={num_bundles} and max_colocate_count={max_colocate_count} must be >= 1")
+            raise ValueError(
+                f"ResourcePool: num_bundles={num_bundles} and "
+                f"max_colocate_count={max_colocate_count} must be >= 1"
+            )
         if not ray.is_initialized():
             raise RuntimeError("ResourcePool: Ray is not running; call flowrl.controller.init_ray() first")
         self.num_bundles = num_bundles
@@ -61,13 +64,24 @@ class ResourcePool:
 
     def _check_cluster(self) -> None:
         total, free = ray.cluster_resources(), ray.available_resources()
-        short = {k: v * self.num_bundles for k, v in self.bundle.items() if v * self.num_bundles > total.get(k, 0.0)}
-        largest = {k: max((n["Resources"].get(k, 0.0) for n in ray.nodes() if n["Alive"]), default=0.0) for k in self.bundle}
+        short = {
+            k: v * self.num_bundles
+            for k, v in self.bundle.items()
+            if v * self.num_bundles > total.get(k, 0.0)
+        }
+        largest = {
+            k: max((n["Resources"].get(k, 0.0) for n in ray.nodes() if n["Alive"]), default=0.0)
+            for k in self.bundle
+        }
         too_big = {k: v for k, v in self.bundle.items() if v > largest[k]}
         if short or too_big:
-            have = {k: f"{total.get(k, 0.0):g} ({free.get(k, 0.0):g} free, {largest[k]:g} on the largest node)" for k in self.bundle}
+            have = {
+                k: f"{total.get(k, 0.0):g} ({free.get(k, 0.0):g} free, {largest[k]:g} on the largest node)"
+                for k in self.bundle
+            }
             raise RuntimeError(
-                f"ResourcePool: asked for {self._asked()}, cluster has {have}. Use fewer workers or a smaller "
+                f"ResourcePool: asked for {self._asked()}, cluster has {have}. "
+                "Use fewer workers or a smaller "
                 "num_cpus_per_bundle, or start Ray with more resources (init_ray(num_cpus=..., num_gpus=...))"
             )
 

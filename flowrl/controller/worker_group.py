@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import ray
+
 from flowrl.controller.dispatch import (
+    Call,
     DPLayout,
     Execute,
     Layout,
@@ -86,6 +89,10 @@ class WorkerGroup:
         return self._procs.world_size
 
     @property
+    def pool(self) -> ResourcePool:
+        return self._procs.pool
+
+    @property
     def pids(self) -> list[int]:
         """Process id of each rank."""
         return list(self._procs.pids)
@@ -102,7 +109,9 @@ class WorkerGroup:
         return f"WorkerGroup({self.worker_cls.__name__}, role={self.role!r}, world_size={self.world_size})"
 
     # ---- the call path -------------------------------------------------------------------
-    def _submit(self, method: str, spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DataFuture:
+    def _submit(
+        self, method: str, spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> DataFuture:
         mode = get_dispatch_mode(spec.dispatch)
         upstream = [v for v in [*args, *kwargs.values()] if isinstance(v, DataFuture)]
         if not mode.takes_futures:
@@ -113,10 +122,14 @@ class WorkerGroup:
         info = CallInfo(self.worker_cls.__name__, self.role, method)
         bad = sorted(r for r in calls if not 0 <= r < self.world_size)
         if bad:
-            raise ValueError(f"{info.label}: dispatch mode {mode.name} planned calls on ranks {bad} of {self.world_size}")
+            raise ValueError(
+                f"{info.label}: dispatch mode {mode.name} planned calls on ranks {bad} of {self.world_size}"
+            )
         if spec.execute == Execute.RANK_ZERO:
             if 0 not in calls:
-                raise ValueError(f"{info.label}: Execute.RANK_ZERO, but dispatch mode {mode.name} gives rank 0 nothing")
+                raise ValueError(
+                    f"{info.label}: Execute.RANK_ZERO, but dispatch mode {mode.name} gives rank 0 nothing"
+                )
             calls, context = {0: calls[0]}, None
 
         def collect(outputs: dict[int, Any]) -> Any:
@@ -124,16 +137,20 @@ class WorkerGroup:
                 return outputs[0]
             return mode.collect(self._layout, outputs, plan.context)
 
+        def gather(refs: dict[int, ray.ObjectRef]) -> dict[int, Any]:
+            return self._procs.gather(refs, info)
+
         refs = self._procs.submit(self.role, method, calls)
-        gather = lambda refs: self._procs.gather(refs, info)  # noqa: E731
         return DataFuture(refs, collect, context, gather, f"{info.cls_name}.{method}", upstream)
 
     def _query_dp_layout(self) -> DPLayout:
         info = CallInfo(self.worker_cls.__name__, self.role, "dispatch_info")
-        everyone = {rank: ((), {}) for rank in range(self.world_size)}
+        everyone: dict[int, Call] = {rank: ((), {}) for rank in range(self.world_size)}
         answers = self._procs.gather(self._procs.submit(self.role, "dispatch_info", everyone), info)
         where = f"{info.cls_name}.dispatch_info"
-        return DPLayout.from_infos([as_dispatch_info(answers[r], where) for r in range(self.world_size)], where)
+        return DPLayout.from_infos(
+            [as_dispatch_info(answers[r], where) for r in range(self.world_size)], where
+        )
 
 
 class GroupMethod:
@@ -172,7 +189,10 @@ def _role_spec(role: str, spec: RoleArg) -> RoleSpec:
         raise TypeError(f"role {role!r}: {worker_cls.__name__} must subclass flowrl.controller.Worker")
     clashes = sorted(set(registered_methods(worker_cls)) & set(dir(WorkerGroup)))
     if clashes:
-        raise ValueError(f"role {role!r}: {worker_cls.__name__} registers {clashes}, which WorkerGroup itself uses; rename them")
+        raise ValueError(
+            f"role {role!r}: {worker_cls.__name__} registers {clashes}, "
+            "which WorkerGroup itself uses; rename them"
+        )
     for name, method in registered_methods(worker_cls).items():
         try:
             get_dispatch_mode(method.dispatch)

@@ -1,11 +1,28 @@
 """Dispatch and collect functions on their own: no Ray, hand-computed expectations."""
 
+import pickle
+
 import pytest
 import torch
 
 from flowrl.batch import Batch
-from flowrl.controller import Dispatch, DispatchInfo, DPLayout, Execute, Layout, Worker, register
-from flowrl.controller.dispatch import MethodSpec, get_dispatch_mode, register_dispatch_mode, registered_methods
+from flowrl.controller import (
+    DataFuture,
+    Dispatch,
+    DispatchInfo,
+    DPContext,
+    DPLayout,
+    Execute,
+    Layout,
+    Worker,
+    register,
+)
+from flowrl.controller.dispatch import (
+    MethodSpec,
+    get_dispatch_mode,
+    register_dispatch_mode,
+    registered_methods,
+)
 from flowrl.controller.worker_group import _role_spec
 from flowrl.keys import Keys
 
@@ -44,7 +61,7 @@ def test_all_to_all_gives_element_i_to_rank_i():
 def test_dp_compute_pads_splits_and_strips():
     layout = Layout(2)
     p = plan(Dispatch.DP_COMPUTE, layout, rows(5), 2.0, extra=rows(5))
-    (a0, k0), (a1, k1) = p.calls[0], p.calls[1]
+    (a0, _), (a1, k1) = p.calls[0], p.calls[1]
     # 5 rows padded with a copy of row 0 to 6, then 3 per rank; the float is broadcast
     assert a0[0][Keys.WORKER_TAG] == ["s0", "s1", "s2"] and a1[0][Keys.WORKER_TAG] == ["s3", "s4", "s0"]
     assert a0[1] == 2.0 and a1[1] == 2.0
@@ -146,3 +163,50 @@ def test_user_modes_register_once_and_unknown_modes_fail_early():
         _role_spec("clash", Clash)
     with pytest.raises(TypeError, match="must subclass flowrl.controller.Worker"):
         _role_spec("x", (dict, (), {}))
+
+
+def fake_future(outputs: dict, dp: DPLayout, pad: int, length: int) -> tuple[DataFuture, list]:
+    """A DP_COMPUTE future whose 'ObjectRefs' are strings; gather records that it was called."""
+    gathered = []
+
+    def gather(refs):
+        gathered.append(sorted(refs))
+        return outputs
+
+    ctx = DPContext(dp, pad, length)
+    producer = Layout(len(dp.dp_ranks), lambda: dp)
+    future = DataFuture(
+        {r: f"ref{r}" for r in outputs},
+        lambda outs: collect(Dispatch.DP_COMPUTE, producer, outs, ctx),
+        ctx,
+        gather,
+        "Producer.make",
+    )
+    return future, gathered
+
+
+def test_futures_forward_per_shard_refs_when_dp_sizes_match():
+    # producer: 4 ranks with tp=2, so shards come from ranks 0 and 2; 3 rows padded to 4
+    producer_dp = DPLayout.from_infos(tp_infos(4, 2), "producer")
+    shards = {r: rows(2) for r in range(4)}
+    future, gathered = fake_future(shards, producer_dp, pad=1, length=3)
+    p = plan(Dispatch.DP_COMPUTE, Layout(2), future, 1.0)
+    assert [p.calls[r][0] for r in range(2)] == [("ref0", 1.0), ("ref2", 1.0)]
+    assert (p.context.pad, p.context.length) == (1, 3) and gathered == [] and not future.materialized
+    # a consumer with tp replicas sends each shard's ref to both replicas
+    consumer = Layout(4, lambda: DPLayout.from_infos(tp_infos(4, 2), "consumer"))
+    p = plan(Dispatch.DP_COMPUTE, consumer, future)
+    assert [p.calls[r][0][0] for r in range(4)] == ["ref0", "ref0", "ref2", "ref2"]
+    assert gathered == []
+
+
+def test_futures_are_materialized_and_split_again_when_dp_sizes_differ():
+    parts = {0: rows(3), 1: rows(3)[[0, 1, 0]]}  # 5 rows were padded by 1 on a dp=2 producer
+    future, gathered = fake_future(parts, DPLayout.plain(2), pad=1, length=5)
+    p = plan(Dispatch.DP_COMPUTE, Layout(3), future)
+    assert gathered == [[0, 1]] and future.materialized
+    assert [p.calls[r][0][0][Keys.SCORES].tolist() for r in range(3)] == [[0.0, 1.0], [2.0, 0.0], [1.0, 0.0]]
+    assert p.context.pad == 1 and p.context.length == 5
+    # ONE_TO_ALL never sees a future: the group resolves it first; a nested one cannot travel
+    with pytest.raises(TypeError, match="Producer.make.*cannot be sent to a worker inside another object"):
+        pickle.dumps([future])

@@ -71,9 +71,13 @@ def test_a_raise_on_every_rank_names_method_rank_and_traceback(errs):
         errs.reject(5)
     e = info.value
     message = str(e)
-    assert re.search(r"ErrWorker\.reject \(role 'ErrWorker'\) failed on rank [01] of 2: ValueError: x=5", message)
+    assert re.search(
+        r"ErrWorker\.reject \(role 'ErrWorker'\) failed on rank [01] of 2: ValueError: x=5", message
+    )
     assert "Traceback (most recent call last)" in message
-    assert 'raise ValueError(f"x={x} is not allowed on rank {self.rank}")' in message  # the worker's source line
+    assert (
+        'raise ValueError(f"x={x} is not allowed on rank {self.rank}")' in message
+    )  # the worker's source line
     assert re.search(r"ranks \[[01]\] failed too", message)
     assert (e.method, e.role, e.remote_type) == ("reject", "ErrWorker", "ValueError") and e.rank in (0, 1)
     assert errs.all_reduce(1.0) == [3.0, 3.0]  # every rank finished: the group is still usable
@@ -91,14 +95,16 @@ def test_fail_fast_when_the_pool_cannot_be_reserved(errs):
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match=r"asked for 9 bundles .* = 9 CPU, cluster has \{'CPU': '4 "):
         ResourcePool(9)
-    with pytest.raises(RuntimeError, match=r"asked for 1 bundles .* = 0.5 CPU, 1 GPU, cluster has .*'GPU': '0 "):
+    with pytest.raises(
+        RuntimeError, match=r"asked for 1 bundles .* = 0.5 CPU, 1 GPU, cluster has .*'GPU': '0 "
+    ):
         ResourcePool(1, use_gpu=True, num_cpus_per_bundle=0.5)
     # 4 CPUs exist, but the group above holds one of them
     with pytest.raises(RuntimeError, match=r"could not reserve 4 bundles .* within 1 s; free now"):
         ResourcePool(4, ready_timeout_s=1.0)
     assert time.monotonic() - t0 < 10
     with pytest.raises(RuntimeError, match="max_colocate_count=1"):
-        WorkerGroup(errs._procs.pool, ErrWorker)
+        WorkerGroup(errs.pool, ErrWorker)
 
 
 @pytest.mark.timeout(60)
@@ -119,7 +125,9 @@ def test_a_rank_blocked_in_a_collective_does_not_hang_the_driver(errs):
 @pytest.mark.timeout(120)
 def test_constructor_failure_and_process_death(cluster):
     pool = ResourcePool(1, num_cpus_per_bundle=0.5)
-    with pytest.raises(WorkerError, match=r"Fragile\.__init__ .* rank 0 of 1: RuntimeError: cannot load the model"):
+    with pytest.raises(
+        WorkerError, match=r"Fragile\.__init__ .* rank 0 of 1: RuntimeError: cannot load the model"
+    ):
         WorkerGroup(pool, Fragile, args=(True,))
     group = WorkerGroup(pool, Fragile, args=(False,))  # the failed group gave its share back
     t0 = time.monotonic()

@@ -5,6 +5,7 @@ must have produced which row.
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import ray
@@ -71,8 +72,15 @@ class TagWorker(Worker):
 
     @register(Dispatch.ONE_TO_ALL)
     def whoami(self, x: int) -> dict:
-        return {"rank": self.rank, "world": self.world_size, "local_rank": self.local_rank, "x": x,
-                "greeting": self.greeting, "pid": os.getpid(), "master": (self.master_addr, self.master_port)}
+        return {
+            "rank": self.rank,
+            "world": self.world_size,
+            "local_rank": self.local_rank,
+            "x": x,
+            "greeting": self.greeting,
+            "pid": os.getpid(),
+            "master": (self.master_addr, self.master_port),
+        }
 
     @register(Dispatch.ALL_TO_ALL)
     def scatter(self, x: int, *, y: str) -> str:
@@ -250,3 +258,27 @@ def test_future_is_materialized_and_split_again_when_dp_sizes_differ(pair, quad)
     assert future.materialized
     assert out[Keys.WORKER_TAG] == ["rank0", "rank0", "rank1", "rank1", "rank2", "rank2"]
     assert out[Keys.SCORES].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def doc_example() -> tuple[str, str]:
+    """The worker and driver blocks of docs/architecture.md's example, as written there."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    blocks = []
+    for marker in ("<!-- example: worker -->", "<!-- example: driver -->"):
+        blocks.append(text.split(marker, 1)[1].split("```python\n", 1)[1].split("```", 1)[0])
+    return blocks[0], blocks[1]
+
+
+def test_the_architecture_doc_example_runs_as_written(cluster, capsys):
+    worker, driver = doc_example()
+    # response lengths 2, 1, 3, 0, 2 plus the 0.5 bonus; 5 rows + 1 padding row seen in all
+    expected = "[2.5, 1.5, 3.5, 0.5, 2.5] [6.0, 6.0]"
+    assert f"# {expected}" in driver
+    namespace = {"__name__": "architecture_example"}
+    code = compile(worker + driver, "docs/architecture.md", "exec")
+    exec(code, namespace)  # noqa: S102 - the doc's own example, run as written
+    try:
+        assert expected in capsys.readouterr().out.splitlines()
+    finally:
+        namespace["scorers"].shutdown()
+        namespace["scorers"].pool.shutdown()
