@@ -1,0 +1,91 @@
+"""Everything a driver needs, built from the run config: worker groups, data, rewards, metrics.
+
+A driver calls ``build_runtime(cfg)`` once and then only uses what it returns; it never
+touches Ray, weights or devices itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer
+
+from flowrl.batch import Batch
+from flowrl.controller import ResourcePool, WorkerGroup, init_ray
+from flowrl.data import DataLoader, PromptDataset
+from flowrl.rewards import RewardRunner
+from flowrl.tracking import Tracker
+from flowrl.workers.actor_rollout import ActorRollout
+from flowrl.workers.critic import Critic
+from flowrl.workers.reference import Reference
+
+
+@dataclass
+class Runtime:
+    cfg: DictConfig
+    actor: WorkerGroup
+    ref: WorkerGroup | None
+    critic: WorkerGroup | None
+    train_data: DataLoader
+    val_data: PromptDataset | None
+    rewards: RewardRunner
+    tracker: Tracker
+    tokenizer: Any
+    groups: dict[str, WorkerGroup] = field(default_factory=dict)
+
+    def next_prompts(self) -> Batch:
+        """The next training prompts; a new epoch starts when one ends."""
+        batch = self.train_data.next_batch()
+        if batch is None:
+            raise RuntimeError("the training data is exhausted; raise the sampler's num_epochs")
+        return batch
+
+    def shutdown(self) -> None:
+        self.rewards.close()
+        self.tracker.close()
+        self.actor.shutdown()
+
+
+def needs_reference(cfg: DictConfig) -> bool:
+    return bool(cfg.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward)
+
+
+def build_runtime(cfg: DictConfig) -> Runtime:
+    """Start Ray and the colocated workers, load the data, open the reward runner and the tracker."""
+    t = cfg.trainer
+    init_ray(num_gpus=t.num_workers if t.use_gpu else None)
+    roles: dict[str, Any] = {"actor": ActorRollout}
+    if needs_reference(cfg):
+        roles["ref"] = Reference
+    if cfg.critic.enable:
+        roles["critic"] = Critic
+    pool = ResourcePool(t.num_workers, use_gpu=t.use_gpu, num_cpus_per_bundle=1)
+    groups = WorkerGroup.colocated(pool, roles)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for group in groups.values():
+        group.init_model(config)
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.actor.model.path)
+    prompts_cfg = OmegaConf.to_object(cfg.data.prompts)
+    train = PromptDataset(list(cfg.data.train_files), tokenizer, prompts_cfg)
+    val = PromptDataset(list(cfg.data.val_files), tokenizer, prompts_cfg) if cfg.data.val_files else None
+    loader = DataLoader(train, cfg.data.train_batch_size, seed=t.seed, shuffle=cfg.data.shuffle)
+    rewards = RewardRunner.from_config(OmegaConf.to_object(cfg.reward))
+    os.makedirs(t.run_dir, exist_ok=True)
+    OmegaConf.save(cfg, os.path.join(t.run_dir, "config.yaml"))
+    tracker = Tracker(t.run_dir, [] if t.quiet else list(t.loggers), config)
+    return Runtime(
+        cfg=cfg,
+        actor=groups["actor"],
+        ref=groups.get("ref"),
+        critic=groups.get("critic"),
+        train_data=loader,
+        val_data=val,
+        rewards=rewards,
+        tracker=tracker,
+        tokenizer=tokenizer,
+        groups=groups,
+    )

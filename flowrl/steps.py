@@ -1,0 +1,103 @@
+"""Steps that several drivers share: rollout, scoring, rewards with KL, evaluation, metrics.
+
+Each is a small function over the runtime and a Batch; algorithm-specific steps stay in
+their driver (ReMax's greedy baseline lives in ``flowrl/algos/remax.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flowrl.algos import apply_kl_penalty, masked_mean, token_scores
+from flowrl.algos.kl import FixedKLController
+from flowrl.batch import Batch
+from flowrl.keys import Keys
+from flowrl.rewards import reward_metrics
+from flowrl.runtime import Runtime
+from flowrl.tracking import mean_metrics
+
+Metrics = dict[str, float]
+
+
+def rollout(rt: Runtime, prompts: Batch, n: int, temperature: float | None = None) -> Batch:
+    """``n`` responses per prompt; samples of one prompt share a contiguous ``GROUP_IDS`` value."""
+    prompts = prompts.clone()
+    prompts[Keys.GROUP_IDS] = torch.arange(len(prompts))  # [B]
+    return rt.actor.generate(prompts, n=n, temperature=temperature)
+
+
+def score(rt: Runtime, batch: Batch) -> tuple[Batch, Metrics]:
+    """Rule rewards into ``SCORES`` (a failing reward function scores 0 and is counted)."""
+    scored = rt.rewards.score(batch)
+    return batch | scored, reward_metrics(scored)
+
+
+def token_rewards(batch: Batch, kl_ctrl: FixedKLController | None, kl_estimator: str) -> tuple[torch.Tensor, Metrics]:
+    """The score on each response's last token, minus ``beta * KL`` per token when ``kl_ctrl`` is given."""
+    mask = batch[Keys.RESPONSE_MASK]  # [B, R]
+    scores = token_scores(batch[Keys.SCORES], mask)  # [B, R]
+    if kl_ctrl is None:
+        return scores, {}
+    rewards, kl = apply_kl_penalty(
+        scores, batch[Keys.OLD_LOGPROBS], batch[Keys.REF_LOGPROBS], mask, kl_ctrl.value, kl_estimator
+    )
+    kl_ctrl.update(float(kl["kl"]), n_steps=len(batch))
+    return rewards, {f"kl_reward/{k}": float(v) for k, v in kl.items()}
+
+
+def rollout_metrics(batch: Batch) -> Metrics:
+    """Reward, length and sampler-vs-trainer agreement of one rollout batch."""
+    mask = batch[Keys.RESPONSE_MASK]  # [B, R]
+    lengths = mask.sum(-1)  # [B]
+    scores = batch[Keys.SCORES]  # [B]
+    metrics = {
+        "reward/mean": scores.mean(),
+        "reward/min": scores.min(),
+        "reward/max": scores.max(),
+        "response_length/mean": lengths.mean(),
+        "response_length/max": lengths.max(),
+        "response_length/clip_ratio": batch[Keys.TRUNCATED].float().mean(),
+    }
+    if Keys.ADVANTAGES in batch:
+        metrics["advantages/mean"] = masked_mean(batch[Keys.ADVANTAGES], mask)
+    if Keys.RETURNS in batch:
+        metrics["returns/mean"] = masked_mean(batch[Keys.RETURNS], mask)
+    if Keys.VALUES in batch:
+        metrics["values/mean"] = masked_mean(batch[Keys.VALUES], mask)
+    if Keys.ENTROPY in batch:
+        metrics["actor/entropy"] = masked_mean(batch[Keys.ENTROPY], mask)
+    if Keys.OLD_LOGPROBS in batch and Keys.ROLLOUT_LOGPROBS in batch:
+        delta = batch[Keys.OLD_LOGPROBS] - batch[Keys.ROLLOUT_LOGPROBS]  # [B, R]
+        metrics["rollout/logprob_diff_mean"] = masked_mean(delta.abs(), mask)
+        metrics["rollout/logprob_diff_max"] = (delta.abs() * mask).max()
+        metrics["rollout/prob_ratio_err"] = masked_mean((delta.exp() - 1).abs(), mask)
+    if Keys.REF_LOGPROBS in batch and Keys.OLD_LOGPROBS in batch:
+        metrics["kl_ref/k1"] = masked_mean(batch[Keys.OLD_LOGPROBS] - batch[Keys.REF_LOGPROBS], mask)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def update_metrics(per_rank: list[list[Metrics]]) -> Metrics:
+    """Mean over ranks and mini-batch steps of what ``update`` returned."""
+    return mean_metrics(m for rank in per_rank for m in rank)
+
+
+def sync_metrics(per_rank: list[Metrics]) -> Metrics:
+    seconds = max(m["seconds"] for m in per_rank)
+    gb = sum(m["bytes"] for m in per_rank) / 1e9
+    return {"perf/weight_sync_s": seconds, "perf/weight_sync_gb_per_s": gb / max(seconds, 1e-9)}
+
+
+def evaluate(rt: Runtime, chunk: int = 64) -> Metrics:
+    """Greedy accuracy on the validation prompts (mean score; a score of 1 is a correct answer)."""
+    if rt.val_data is None:
+        return {}
+    n = len(rt.val_data)
+    if rt.cfg.data.val_max_samples > 0:
+        n = min(n, rt.cfg.data.val_max_samples)
+    scores = []
+    for start in range(0, n, chunk):
+        prompts = rt.val_data.collate(list(range(start, min(n, start + chunk))))
+        out = rt.actor.generate(prompts, n=1, temperature=0.0)
+        scores.append(rt.rewards.score(out)[Keys.SCORES])
+    all_scores = torch.cat(scores)  # [N]
+    return {"val/accuracy": float((all_scores >= 1.0).float().mean()), "val/score": float(all_scores.mean())}
