@@ -1,0 +1,345 @@
+"""The training engine: a Hugging Face causal LM (or critic) sharded with FSDP2.
+
+Every rank of the default process group holds one shard of each parameter
+(``fully_shard`` per decoder layer, then the root), so the data-parallel group is the
+whole world. The engine offers what the workers need and nothing about algorithms:
+
+- ``compute_logprobs`` / ``compute_values``: forward passes with micro-batching;
+- ``train_step``: one optimizer step on this rank's mini-batch with a caller's loss;
+- ``state_dict_stream``: full tensors under their Hugging Face names, in buckets, for
+  the rollout engine;
+- ``save`` / ``load`` (torch.distributed.checkpoint) and ``offload`` / ``onload``.
+
+Loss normalization. ``loss_fn`` returns a loss already divided by the *global* count
+(tokens or sequences over all ranks and micro-batches, see ``Normalizer``), so that the
+sum over micro-batches and ranks is the global mean. FSDP2's reduce-scatter averages
+gradients over ranks, so each rank backpropagates ``loss * dp_size``; the resulting
+gradient is that of the global mean whatever the DP size and micro-batch split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from flowrl.batch import Batch
+from flowrl.engines.distributed import init_process_group
+from flowrl.engines.optim import OptimizerConfig, build_optimizer
+from flowrl.engines.sequences import entropy_from_logits, model_inputs, token_logprobs
+from flowrl.keys import Keys
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VALUE_HEAD_PREFIX = "score."  # the Linear(hidden, 1) of AutoModelForTokenClassification
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """Global counts over all ranks and micro-batches of one optimizer step."""
+
+    global_tokens: float  # sum of RESPONSE_MASK
+    global_seqs: float  # number of sequences
+
+
+Metrics = dict[str, torch.Tensor | float]
+LossFn = Callable[[Batch, dict[str, torch.Tensor], Normalizer], tuple[torch.Tensor, Metrics]]
+
+
+@dataclass(frozen=True)
+class FSDPEngineConfig:
+    model_path: str  # a Hugging Face folder (config, weights, tokenizer)
+    value_head: bool = False  # critic: backbone + Linear(hidden, 1) on the last hidden state
+    device: str = "cpu"  # "cpu" or "cuda"
+    param_dtype: str = "float32"  # compute dtype of FSDP2's mixed precision; master weights stay fp32
+    reduce_dtype: str = "float32"  # gradient reduce-scatter dtype
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    reshard_after_forward: bool = True
+    # Drop the columns that are padding in every row of a micro-batch before the forward:
+    # faster, but a row's log-probs then depend (by float rounding, ~1e-7) on its
+    # neighbours; off, they are bitwise independent of the micro-batching on CPU.
+    trim_padding: bool = False
+    seed: int = 0  # initializes the value head identically on every rank
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("param_dtype", "reduce_dtype"):
+            if getattr(self, key) not in DTYPES:
+                raise ValueError(f"FSDPEngineConfig.{key}={getattr(self, key)!r}: choose one of {list(DTYPES)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"FSDPEngineConfig.device={self.device!r}: choose 'cpu' or 'cuda'")
+
+
+def load_hf_model(config: FSDPEngineConfig) -> nn.Module:
+    """The unsharded fp32 model on CPU: a causal LM, or with ``value_head`` a token scorer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
+
+    kwargs = dict(dtype=torch.float32, attn_implementation=config.attn_implementation)
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)  # weights missing from the folder (the value head) match on all ranks
+        if config.value_head:
+            hf_config = AutoConfig.from_pretrained(config.model_path, num_labels=1, classifier_dropout=0.0)
+            model = AutoModelForTokenClassification.from_pretrained(config.model_path, config=hf_config, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(config.model_path, **kwargs)
+    model.config.use_cache = False
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def shard_model(model: nn.Module, mesh: object, config: FSDPEngineConfig) -> None:
+    """``fully_shard`` each decoder layer (the model's ``_no_split_modules``), then the root."""
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    policy = MixedPrecisionPolicy(
+        param_dtype=DTYPES[config.param_dtype], reduce_dtype=DTYPES[config.reduce_dtype]
+    )
+    kwargs = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise ValueError(
+            f"{config.model_path}: found no decoder layers to shard (looked for {sorted(layer_classes)}); "
+            "the model class must list its layer class in _no_split_modules"
+        )
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+class FSDPEngine:
+    """An FSDP2-sharded Hugging Face model with its AdamW optimizer and LR schedule."""
+
+    def __init__(self, config: FSDPEngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        init_process_group(self.device)
+        self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+        self.mesh = init_device_mesh(self.device.type, (self.dp_size,), mesh_dim_names=("fsdp",))
+        self.model = load_hf_model(config)
+        shard_model(self.model, self.mesh, config)
+        self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), config.optim)
+        self.global_step = 0
+
+    # ---- forward passes ------------------------------------------------------
+    @torch.no_grad()
+    def compute_logprobs(
+        self, batch: Batch, temperature: float, micro_batch_size: int, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (and entropies) of the response tokens under softmax(logits / T).  -> [B, R] each"""
+        self._require(value_head=False, what="compute_logprobs")
+        self.model.eval()
+        outs = [self._forward(mb, temperature, with_entropy) for mb in self._micro_batches(batch, micro_batch_size)]
+        logprobs = torch.cat([o[Keys.LOGPROBS] for o in outs]).float().cpu()  # [B, R]
+        entropy = torch.cat([o[Keys.ENTROPY] for o in outs]).float().cpu() if with_entropy else None
+        return logprobs, entropy
+
+    @torch.no_grad()
+    def compute_values(self, batch: Batch, micro_batch_size: int) -> torch.Tensor:
+        """V(s_t) for each response token: the value head at the column before the token.  -> [B, R]"""
+        self._require(value_head=True, what="compute_values")
+        self.model.eval()
+        outs = [self._forward(mb, 1.0, False) for mb in self._micro_batches(batch, micro_batch_size)]
+        return torch.cat([o[Keys.VALUES] for o in outs]).float().cpu()
+
+    def _forward(self, micro: Batch, temperature: float, with_entropy: bool) -> dict[str, torch.Tensor]:
+        """Per-token outputs of one micro-batch, zero after each response's end.  -> {key: [b, R]}"""
+        inputs = model_inputs(micro.to(self.device), trim=self.config.trim_padding)
+        keep = inputs.response_ids.shape[1]  # R'
+        if self.config.value_head:
+            scores = self.model(
+                input_ids=inputs.input_ids,
+                attention_mask=inputs.attention_mask,
+                position_ids=inputs.position_ids,
+            ).logits  # [b, P' + R', 1]
+            outputs = {Keys.VALUES: scores[:, -keep - 1 : -1, 0].float()}  # [b, R']
+        else:
+            logits = self.model(
+                input_ids=inputs.input_ids,
+                attention_mask=inputs.attention_mask,
+                position_ids=inputs.position_ids,
+                logits_to_keep=keep + 1,
+            ).logits[:, :-1]  # [b, R', V]: column P - 1 + j predicts response token j
+            outputs = {Keys.LOGPROBS: token_logprobs(logits, inputs.response_ids, temperature)}
+            if with_entropy:
+                outputs[Keys.ENTROPY] = entropy_from_logits(logits, temperature)
+        pad = inputs.response_width - keep
+        return {k: F.pad(v * inputs.response_valid, (0, pad)) for k, v in outputs.items()}  # [b, R]
+
+    def _micro_batches(self, batch: Batch, micro_batch_size: int) -> list[Batch]:
+        """Split and check that every rank runs the same number of forwards (else FSDP2 would hang)."""
+        if micro_batch_size <= 0:
+            raise ValueError(f"FSDPEngine: micro_batch_size={micro_batch_size} must be positive")
+        micros = batch.split(micro_batch_size)
+        counts = self._all_gather_floats([float(len(micros))])[:, 0]
+        if not bool((counts == counts[0]).all()):
+            raise ValueError(
+                f"FSDPEngine rank {self.dp_rank}: ranks hold different numbers of micro-batches "
+                f"{counts.tolist()} (batch of {len(batch)}, micro_batch_size={micro_batch_size}); "
+                "give every rank the same number of samples (pad the batch to a multiple of dp_size)"
+            )
+        return micros
+
+    def _all_gather_floats(self, values: list[float]) -> torch.Tensor:
+        """Each rank's ``values`` as rows of a [world, len(values)] float64 tensor."""
+        local = torch.tensor(values, dtype=torch.float64, device=self.device)  # [n]
+        rows = [torch.empty_like(local) for _ in range(self.dp_size)]
+        dist.all_gather(rows, local)
+        return torch.stack(rows).cpu()  # [W, n]
+
+    def _require(self, value_head: bool, what: str) -> None:
+        if self.config.value_head != value_head:
+            kind = "a critic (value_head=True)" if self.config.value_head else "a policy (value_head=False)"
+            raise RuntimeError(f"FSDPEngine.{what}: this engine holds {kind}")
+
+    # ---- training --------------------------------------------------------------
+    def train_step(
+        self,
+        batch: Batch,
+        loss_fn: LossFn,
+        micro_batch_size: int,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ) -> dict[str, float]:
+        """One optimizer step on this rank's mini-batch: ``accumulate_gradients`` then ``optimizer_step``."""
+        metrics = self.accumulate_gradients(batch, loss_fn, micro_batch_size, temperature, with_entropy)
+        metrics.update(self.optimizer_step())
+        return metrics
+
+    def accumulate_gradients(
+        self,
+        batch: Batch,
+        loss_fn: LossFn,
+        micro_batch_size: int,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ) -> dict[str, float]:
+        """Forward and backward over the micro-batches of this rank's mini-batch.
+
+        ``loss_fn(micro, out, norm)`` gets the micro-batch (on the engine's device), the
+        forward outputs (``Keys.LOGPROBS`` [+ ``Keys.ENTROPY``] or ``Keys.VALUES``, [b, R],
+        zero after each response) and the global counts, and returns (loss already
+        divided by a global count, metrics). Afterwards each parameter's gradient is
+        the gradient of the global loss, the sum of the loss over micro-batches and
+        ranks. Returns that global loss and the mean of the metrics over micro-batches.
+        """
+        self.model.train()
+        micros = self._micro_batches(batch, micro_batch_size)
+        counts = self._all_gather_floats([float(batch[Keys.RESPONSE_MASK].sum()), float(len(batch))])
+        norm = Normalizer(global_tokens=float(counts[:, 0].sum()), global_seqs=float(counts[:, 1].sum()))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        metric_sums: dict[str, float] = {}
+        for micro in micros:
+            micro = micro.to(self.device)
+            loss, metrics = loss_fn(micro, self._forward(micro, temperature, with_entropy), norm)
+            (loss * self.dp_size).backward()  # FSDP2's reduce-scatter divides by dp_size again
+            loss_sum += loss.detach().double()
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+        dist.all_reduce(loss_sum)
+        result = {k: v / len(micros) for k, v in metric_sums.items()}
+        result["loss"] = float(loss_sum)
+        return result
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip by the global grad norm, step AdamW and the schedule; skip on a NaN/Inf norm."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        lr = self.optimizer.param_groups[0]["lr"]
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            if self.config.optim.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.config.optim.grad_clip, grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.global_step += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(grad_norm), "lr": float(lr), "skipped": float(not finite)}
+
+    # ---- weights out -----------------------------------------------------------
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, local shard or tensor) of everything the rollout engine loads.
+
+        A tied weight appears once, under its first name; a critic's value head is left
+        out. The order is the module order, which keeps each layer's tensors together.
+        """
+        first_names = {name for name, _ in self.model.named_parameters()}
+        all_param_names = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
+        for name, tensor in self.model.state_dict().items():
+            if name in all_param_names and name not in first_names:
+                continue  # the second name of a tied parameter
+            if self.config.value_head and name.startswith(VALUE_HEAD_PREFIX):
+                continue
+            yield name, tensor
+
+    @torch.no_grad()
+    def state_dict_stream(self, dtype: torch.dtype, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Full tensors cast to ``dtype``, in buckets of about ``bucket_bytes``.
+
+        Collective: every rank must drain the stream (each DTensor is all-gathered).
+        Only the current bucket is held, so the extra memory is one bucket plus one tensor.
+        """
+        bucket: list[tuple[str, torch.Tensor]] = []
+        size = 0
+        for name, tensor in self.named_tensors():
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
+            full = full.to(dtype)
+            bucket.append((name, full))
+            size += full.numel() * full.element_size()
+            if size >= bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+        if bucket:
+            yield bucket
+
+    # ---- checkpoints and memory ------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Model, optimizer and schedule with torch.distributed.checkpoint (one folder, all ranks)."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd, "engine": self._engine_state()}
+        dcp.save(state, checkpoint_id=str(path))
+
+    def load(self, path: str | Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd, "engine": self._engine_state()}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(state["engine"]["scheduler"])
+        self.global_step = int(state["engine"]["global_step"])
+
+    def _engine_state(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "global_step": self.global_step}
+
+    def offload(self) -> None:
+        """Move parameters and optimizer state to CPU (GPU only; on CPU there is nothing to free)."""
+        self._move_to(torch.device("cpu"))
+
+    def onload(self) -> None:
+        self._move_to(self.device)
+
+    @torch.no_grad()
+    def _move_to(self, device: torch.device) -> None:
+        if self.device.type == "cpu":
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.to(device)  # FSDP2 re-registers the sharded parameters after the move
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    state[key] = value.to(device, non_blocking=True)
+        torch.cuda.synchronize()
+        if device.type == "cpu":
+            torch.cuda.empty_cache()

