@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from flowrl.algos.config import AdvantageConfig, KLControllerConfig, PolicyLossConfig
 from flowrl.algos.registry import ESTIMATORS, check_estimator_inputs
 from flowrl.data.dataset import PromptDataConfig
+from flowrl.engines.optim import OptimizerConfig
 from flowrl.rewards.registry import RewardConfig
 from flowrl.keys import Keys
 
@@ -33,20 +34,6 @@ class ModelConfig:
     path: str = ""  # a Hugging Face model folder (config.json + weights + tokenizer)
     dtype: str = "float32"  # parameter dtype on the trainer: float32 | bfloat16
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
-
-
-@dataclass
-class OptimConfig:
-    """AdamW and its learning-rate schedule (one step per mini-batch)."""
-
-    lr: float = 1e-6
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
-    warmup_steps: int = 0
-    schedule: str = "constant"  # constant | cosine
-    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
 
 
 @dataclass
@@ -72,7 +59,7 @@ class ActorConfig:
     """The policy's update (PPO-style clipped surrogate for every algorithm)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     mini_batch_size: int = 8  # responses per optimizer step, over all ranks
     micro_batch_size: int = 4  # responses per forward/backward on one rank
     epochs: int = 1  # passes over each rollout batch
@@ -90,7 +77,7 @@ class CriticConfig:
 
     enable: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-5))
     micro_batch_size: int = 4
     epochs: int = 1
     cliprange_value: float = 0.5
@@ -195,8 +182,8 @@ _CHOICES = {
     "algorithm.kl_ctrl.estimator": ("k1", "k2", "k3", "abs"),
     "algorithm.kl_ctrl.kind": ("fixed", "adaptive"),
     "data.prompts.overlong": ("filter", "truncate_left", "error"),
-    "actor.optim.schedule": ("constant", "cosine"),
-    "critic.optim.schedule": ("constant", "cosine"),
+    "actor.optim.lr_schedule": ("constant", "cosine"),
+    "critic.optim.lr_schedule": ("constant", "cosine"),
 }
 
 

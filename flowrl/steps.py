@@ -77,8 +77,17 @@ def rollout_metrics(batch: Batch) -> Metrics:
 
 
 def update_metrics(per_rank: list[list[Metrics]]) -> Metrics:
-    """Mean over ranks and mini-batch steps of what ``update`` returned."""
-    return mean_metrics(m for rank in per_rank for m in rank)
+    """Mean over ranks and mini-batch steps of what ``update`` returned.
+
+    ``actor/first_ppo_kl`` and ``actor/first_clipfrac`` are those of the first mini-batch
+    only: it starts at the rollout policy, so both must be exactly 0 (step-0 consistency).
+    """
+    metrics = mean_metrics(m for rank in per_rank for m in rank)
+    first = mean_metrics(rank[0] for rank in per_rank)
+    for key in ("actor/ppo_kl", "actor/clipfrac"):
+        if key in first:
+            metrics[key.replace("actor/", "actor/first_")] = first[key]
+    return metrics
 
 
 def sync_metrics(per_rank: list[Metrics]) -> Metrics:

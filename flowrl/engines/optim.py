@@ -11,8 +11,10 @@ import torch
 SCHEDULES = ("constant", "cosine")
 
 
-@dataclass(frozen=True)
+@dataclass
 class OptimizerConfig:
+    """AdamW and its schedule (one step per mini-batch); ``total_steps=0`` lets the trainer fill it in."""
+
     lr: float = 1e-6
     beta1: float = 0.9
     beta2: float = 0.999

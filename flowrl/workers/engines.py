@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -28,9 +27,10 @@ def build_fsdp_engine(cfg: DictConfig, model: DictConfig, optim: DictConfig | No
     """An FSDP2 engine for the policy, the reference (``optim=None``) or the critic."""
     optim_cfg = OptimizerConfig()
     if optim is not None:
-        fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
-        given = {k: v for k, v in OmegaConf.to_container(optim).items() if k in fields}
-        optim_cfg = OptimizerConfig(**{**given, "total_steps": cfg.trainer.total_steps * _updates_per_step(cfg)})
+        fields = OmegaConf.to_container(optim)
+        if fields["total_steps"] == 0:
+            fields["total_steps"] = cfg.trainer.total_steps * _updates_per_step(cfg)
+        optim_cfg = OptimizerConfig(**fields)
     return FSDPEngine(
         FSDPEngineConfig(
             model_path=model.path,
