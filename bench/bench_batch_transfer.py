@@ -12,6 +12,8 @@ Formats (the same four [rows, cols] tensors of a rollout batch):
   TensorDict            the tensors in a tensordict.TensorDict, pickled the default way
   TensorDict zero-copy  the same with RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1 (in a child process: the
                         variable must be set before Ray starts)
+With --copy-variants it only times ray.get of one stored Batch under three ways of making
+the copy on load (numpy's, the current one; torch's copy_; np.copyto).
 "aliases store" says whether an in-place edit of a ``ray.get`` result changes what the next
 ``ray.get`` of the same object returns (then every consumer must clone before mutating).
 """
@@ -25,15 +27,18 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
+import numpy as np
 import ray
 import torch
 from tensordict import TensorDict
 
+import flowrl.batch as fb
 from flowrl.batch import Batch
 from flowrl.controller import init_ray
 from flowrl.keys import Keys
@@ -118,6 +123,51 @@ def run(formats: list[str], gb: float, repeats: int) -> None:
     ray.shutdown()
 
 
+copy_numpy = fb._from_numpy  # what Batch does: np.array(arr, copy=True)
+
+
+def copy_torch(dtype: str, arr: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a read-only view, only read from
+        src = torch.from_numpy(arr)
+    out = torch.empty(src.shape, dtype=src.dtype)
+    out.copy_(src)
+    return out.view(torch.bfloat16) if dtype == "bfloat16" else out
+
+
+def copy_copyto(dtype: str, arr: np.ndarray) -> torch.Tensor:
+    out = np.empty_like(arr)
+    np.copyto(out, arr)
+    t = torch.from_numpy(out)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def compare_load_copies(gb: float, repeats: int) -> None:
+    """ray.get of one stored Batch with each way of copying out of the object store."""
+    init_ray(num_cpus=2, logging_level=logging.ERROR)
+    ref = ray.put(Batch(make_tensors(gb)))
+    variants = {"np.array copy (Batch)": copy_numpy, "torch copy_": copy_torch, "np.copyto": copy_copyto}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    original = fb._from_numpy
+    try:
+        for i in range(repeats + 1):
+            for name, fn in variants.items():
+                fb._from_numpy = fn
+                t0 = time.perf_counter()
+                out = ray.get(ref)
+                seconds = time.perf_counter() - t0
+                del out
+                if i > 0:
+                    rates[name].append(gb / seconds)
+    finally:
+        fb._from_numpy = original
+    print("| copy on load | ray.get GB/s, median (best) | all runs |\n|---|---|---|")
+    for name, v in rates.items():
+        runs = " ".join(f"{x:.2f}" for x in v)
+        print(f"| {name} | {statistics.median(v):.2f} (best {max(v):.2f}) | {runs} |")
+    ray.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -126,7 +176,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--formats", nargs="+", default=["Batch", "TensorDict"])
     parser.add_argument("--no-zero-copy", action="store_true", help="skip the zero-copy child run")
+    parser.add_argument(
+        "--copy-variants", action="store_true", help="only compare ways of copying a Batch out on load"
+    )
     args = parser.parse_args()
+    if args.copy_variants:
+        compare_load_copies(args.gb, args.repeats)
+        return
     if os.environ.get(ZERO_COPY) != "1":
         cols = int(args.gb * 1e9 / 8192 / 20)
         print(

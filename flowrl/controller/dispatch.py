@@ -265,7 +265,10 @@ def _split_all(dp: DPLayout, values: dict[Any, Any]) -> tuple[dict[Any, _Split],
     if len(splits) > 1:  # a forwarded future of unknown length cannot be checked against the rest
         for name in [n for n, s in splits.items() if s.length is None]:
             split, plain[name] = _split_value(values[name], dp, forward=False)
-            splits[name] = split  # type: ignore[assignment]
+            if split is None:
+                del splits[name]  # not a Batch after all: broadcast it
+            else:
+                splits[name] = split
     lengths = {name: s.length for name, s in splits.items()}
     if len(set(lengths.values())) > 1:
         raise ValueError(
@@ -298,9 +301,9 @@ def collect_dp_compute(layout: Layout, outputs: dict[int, Any], context: DPConte
         if wrong:
             raise ValueError(
                 f"DP_COMPUTE: the batch was padded by {context.pad} rows to split into {len(kept)} shards of "
-                f"{want}, but shards {list(wrong)} came back with {list(wrong.values())} rows, "
-                "so the padding "
-                "cannot be stripped; return one row per input row, or send a batch size divisible by dp_size"
+                f"{want}, but shards {list(wrong)} came back with {list(wrong.values())} rows, so the "
+                "padding cannot be stripped; return one row per input row, or send a batch size divisible "
+                "by dp_size"
             )
     return Batch.concat(kept).unpad(context.pad)
 

@@ -8,6 +8,7 @@ import traceback
 from typing import Any
 
 import ray
+import torch
 
 from flowrl.controller.errors import WorkerError
 
@@ -36,6 +37,8 @@ class WorkerHost:
     def setup(self, env: dict[str, str], roles: dict[str, RoleSpec]) -> int:
         """Set RANK, WORLD_SIZE, ... then build each role; returns this process's PID."""
         os.environ.update(env)
+        if "OMP_NUM_THREADS" in env:  # torch is already imported here: tell it directly
+            torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
         for role, (cls, args, kwargs) in roles.items():
             self._roles[role] = self._run(role, cls.__name__, "__init__", cls, args, kwargs)
         return os.getpid()

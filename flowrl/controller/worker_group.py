@@ -9,6 +9,7 @@ import ray
 
 from flowrl.controller.dispatch import (
     Call,
+    Dispatch,
     DPLayout,
     Execute,
     Layout,
@@ -99,7 +100,7 @@ class WorkerGroup:
 
     def execute_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Call any method (registered or not) with the same arguments on every rank."""
-        return self._submit(method, MethodSpec("ONE_TO_ALL"), args, kwargs).get()
+        return self._submit(method, MethodSpec(Dispatch.ONE_TO_ALL), args, kwargs).get()
 
     def shutdown(self) -> None:
         """Kill the group's processes (all colocated roles) and free its share of the pool."""
@@ -187,7 +188,10 @@ def _role_spec(role: str, spec: RoleArg) -> RoleSpec:
     kwargs = parts[2] if len(parts) > 2 else {}
     if not issubclass(worker_cls, Worker):
         raise TypeError(f"role {role!r}: {worker_cls.__name__} must subclass flowrl.controller.Worker")
-    clashes = sorted(set(registered_methods(worker_cls)) & set(dir(WorkerGroup)))
+    reserved = set(dir(WorkerGroup)) | {"role", "worker_cls"}  # the group's own attributes
+    clashes = sorted(
+        name for name in registered_methods(worker_cls) if name in reserved or name.startswith("_")
+    )
     if clashes:
         raise ValueError(
             f"role {role!r}: {worker_cls.__name__} registers {clashes}, "

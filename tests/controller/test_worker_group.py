@@ -80,6 +80,7 @@ class TagWorker(Worker):
             "greeting": self.greeting,
             "pid": os.getpid(),
             "master": (self.master_addr, self.master_port),
+            "env": (os.environ.get("FLOWRL_TEST_COLOR"), torch.get_num_threads()),
         }
 
     @register(Dispatch.ALL_TO_ALL)
@@ -174,7 +175,9 @@ def cluster():
 @pytest.fixture(scope="module")
 def pair(cluster):
     """Two ranks, half a CPU each."""
-    return WorkerGroup(ResourcePool(2, num_cpus_per_bundle=0.5), TagWorker, kwargs={"greeting": "hello"})
+    pool = ResourcePool(2, num_cpus_per_bundle=0.5)
+    env = {"FLOWRL_TEST_COLOR": "green", "OMP_NUM_THREADS": "2"}
+    return WorkerGroup(pool, TagWorker, kwargs={"greeting": "hello"}, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +194,7 @@ def test_one_to_all_reaches_every_rank_with_its_env(pair):
     assert [o["local_rank"] for o in out] == [0, 1]  # one node
     assert out[0]["master"] == out[1]["master"] and out[0]["master"][1] > 0
     assert out[0]["pid"] != out[1]["pid"] and [o["pid"] for o in out] == pair.pids
+    assert [o["env"] for o in out] == [("green", 2), ("green", 2)]  # env= of the group, threads applied
     assert pair.world_size == 2
 
 
