@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -41,10 +41,10 @@ class Batch:
         meta: Mapping[str, Any] | None = None,
         batch_size: int | None = None,
     ) -> None:
-        tensors = dict(tensors.items()) if tensors is not None else {}
-        non_tensors = {k: _object_array(v) for k, v in (non_tensors or {}).items()}
+        tensors = _tensor_dict(tensors) if tensors is not None else {}
+        objects = {k: _object_array(v) for k, v in (non_tensors or {}).items()}
         sizes = {k: int(v.shape[0]) for k, v in tensors.items()}
-        sizes.update({k: len(v) for k, v in non_tensors.items()})
+        sizes.update({k: len(v) for k, v in objects.items()})
         if batch_size is None:
             if not sizes:
                 raise ValueError("Batch: pass batch_size for a batch with no fields")
@@ -53,7 +53,7 @@ class Batch:
         if bad:
             raise ValueError(f"Batch: batch size is {batch_size} but these fields differ: {bad}")
         self.tensors = TensorDict(tensors, batch_size=[batch_size])
-        self.non_tensors: dict[str, np.ndarray] = non_tensors
+        self.non_tensors: dict[str, np.ndarray] = objects
         self.meta: dict[str, Any] = dict(meta or {})
 
     # ---- basic access ---------------------------------------------------------
@@ -61,7 +61,13 @@ class Batch:
         return int(self.tensors.batch_size[0])
 
     def keys(self) -> list[str]:
-        return list(self.tensors.keys()) + list(self.non_tensors.keys())
+        return self.tensor_keys() + list(self.non_tensors.keys())
+
+    def tensor_keys(self) -> list[str]:
+        return [str(k) for k in self.tensors.keys()]
+
+    def tensor_items(self) -> list[tuple[str, torch.Tensor]]:
+        return list(_tensor_dict(self.tensors).items())
 
     def __contains__(self, key: str) -> bool:
         return key in self.tensors.keys() or key in self.non_tensors
@@ -127,20 +133,20 @@ class Batch:
         """All fields of both; a key present in both must hold equal values."""
         if len(self) != len(other):
             raise ValueError(f"Batch.union: sizes differ ({len(self)} vs {len(other)})")
-        tensors = dict(self.tensors.items())
-        for k, v in other.tensors.items():
+        tensors = dict(self.tensor_items())
+        for k, v in other.tensor_items():
             if k in tensors and not _same_tensor(tensors[k], v):
                 raise ValueError(f"Batch.union: key {k!r} holds different tensors in both batches")
             tensors[k] = v
-        non_tensors = dict(self.non_tensors)
-        for k, v in other.non_tensors.items():
-            if k in non_tensors and list(non_tensors[k]) != list(v):
+        objects = dict(self.non_tensors)
+        for k, arr in other.non_tensors.items():
+            if k in objects and list(objects[k]) != list(arr):
                 raise ValueError(f"Batch.union: key {k!r} holds different values in both batches")
-            non_tensors[k] = v
+            objects[k] = arr
         for k, v in other.meta.items():
             if k in self.meta and not _same_value(self.meta[k], v):
                 raise ValueError(f"Batch.union: meta {k!r} differs ({self.meta[k]!r} vs {v!r})")
-        return Batch(tensors, non_tensors, {**self.meta, **other.meta}, batch_size=len(self))
+        return Batch(tensors, objects, {**self.meta, **other.meta}, batch_size=len(self))
 
     __or__ = union
 
@@ -163,7 +169,7 @@ class Batch:
         for i, b in enumerate(batches[1:], 1):
             if sorted(b.keys()) != keys:
                 raise ValueError(f"Batch.concat: part {i} has keys {sorted(b.keys())}, part 0 has {keys}")
-        tensors = torch.cat([b.tensors for b in batches], dim=0)
+        tensors = cast(TensorDict, torch.cat([b.tensors for b in batches], dim=0))
         non_tensors = {
             k: np.concatenate([b.non_tensors[k] for b in batches]) for k in batches[0].non_tensors
         }
@@ -173,7 +179,7 @@ class Batch:
         """Each sample n times: ``aabb`` with interleave, ``abab`` without."""
         idx = torch.arange(len(self))
         idx = idx.repeat_interleave(n) if interleave else idx.repeat(n)
-        return self[idx]
+        return self._take(idx)
 
     def pad_to_multiple(self, k: int) -> tuple[Batch, int]:
         """Append copies of the first samples until len is a multiple of k; returns (batch, pad)."""
@@ -199,7 +205,7 @@ class Batch:
     def __reduce__(self) -> tuple[Any, ...]:
         # numpy arrays pickle their buffers out of band (pickle protocol 5, which Ray
         # uses), so a batch crosses the object store without a copy into the pickle.
-        payload = {k: _to_numpy(v) for k, v in self.tensors.items()}
+        payload = {k: _to_numpy(v) for k, v in self.tensor_items()}
         return (_rebuild, (payload, self.non_tensors, self.meta, len(self)))
 
 
@@ -216,9 +222,15 @@ def _from_numpy(dtype: str, arr: np.ndarray) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
-def _rebuild(payload: dict, non_tensors: dict, meta: dict, batch_size: int) -> Batch:
+def _rebuild(
+    payload: dict[str, tuple[str, np.ndarray]], non_tensors: dict[str, np.ndarray], meta: dict[str, Any], batch_size: int
+) -> Batch:
     tensors = {k: _from_numpy(dtype, arr) for k, (dtype, arr) in payload.items()}
     return Batch(tensors, non_tensors, meta, batch_size=batch_size)
+
+
+def _tensor_dict(tensors: Mapping[str, torch.Tensor] | TensorDict) -> dict[str, torch.Tensor]:
+    return {str(k): cast(torch.Tensor, v) for k, v in tensors.items()}
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
