@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -75,7 +76,9 @@ class FSDPEngineConfig:
     def __post_init__(self) -> None:
         for key in ("param_dtype", "reduce_dtype"):
             if getattr(self, key) not in DTYPES:
-                raise ValueError(f"FSDPEngineConfig.{key}={getattr(self, key)!r}: choose one of {list(DTYPES)}")
+                raise ValueError(
+                    f"FSDPEngineConfig.{key}={getattr(self, key)!r}: choose one of {list(DTYPES)}"
+                )
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"FSDPEngineConfig.device={self.device!r}: choose 'cpu' or 'cuda'")
 
@@ -84,12 +87,14 @@ def load_hf_model(config: FSDPEngineConfig) -> nn.Module:
     """The unsharded fp32 model on CPU: a causal LM, or with ``value_head`` a token scorer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
 
-    kwargs = dict(dtype=torch.float32, attn_implementation=config.attn_implementation)
+    kwargs = {"dtype": torch.float32, "attn_implementation": config.attn_implementation}
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)  # weights missing from the folder (the value head) match on all ranks
         if config.value_head:
             hf_config = AutoConfig.from_pretrained(config.model_path, num_labels=1, classifier_dropout=0.0)
-            model = AutoModelForTokenClassification.from_pretrained(config.model_path, config=hf_config, **kwargs)
+            model = AutoModelForTokenClassification.from_pretrained(
+                config.model_path, config=hf_config, **kwargs
+            )
         else:
             model = AutoModelForCausalLM.from_pretrained(config.model_path, **kwargs)
     model.config.use_cache = False
@@ -98,22 +103,20 @@ def load_hf_model(config: FSDPEngineConfig) -> nn.Module:
     return model
 
 
-def shard_model(model: nn.Module, mesh: object, config: FSDPEngineConfig) -> None:
+def shard_model(model: nn.Module, mesh: DeviceMesh, config: FSDPEngineConfig) -> None:
     """``fully_shard`` each decoder layer (the model's ``_no_split_modules``), then the root."""
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     policy = MixedPrecisionPolicy(
         param_dtype=DTYPES[config.param_dtype], reduce_dtype=DTYPES[config.reduce_dtype]
     )
-    kwargs = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers:
         raise ValueError(
             f"{config.model_path}: found no decoder layers to shard (looked for {sorted(layer_classes)}); "
             "the model class must list its layer class in _no_split_modules"
         )
-    for layer in layers:
-        fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+    for module in [*layers, model]:
+        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
 
 
 class FSDPEngine:
@@ -140,7 +143,10 @@ class FSDPEngine:
         """Log-probs (and entropies) of the response tokens under softmax(logits / T).  -> [B, R] each"""
         self._require(value_head=False, what="compute_logprobs")
         self.model.eval()
-        outs = [self._forward(mb, temperature, with_entropy) for mb in self._micro_batches(batch, micro_batch_size)]
+        outs = [
+            self._forward(mb, temperature, with_entropy)
+            for mb in self._micro_batches(batch, micro_batch_size)
+        ]
         logprobs = torch.cat([o[Keys.LOGPROBS] for o in outs]).float().cpu()  # [B, R]
         entropy = torch.cat([o[Keys.ENTROPY] for o in outs]).float().cpu() if with_entropy else None
         return logprobs, entropy
@@ -255,7 +261,9 @@ class FSDPEngine:
     def optimizer_step(self) -> dict[str, float]:
         """Clip by the global grad norm, step AdamW and the schedule; skip on a NaN/Inf norm."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        grad_norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in params if p.grad is not None], norm_type=2.0
+        )
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -286,7 +294,9 @@ class FSDPEngine:
             yield name, tensor
 
     @torch.no_grad()
-    def state_dict_stream(self, dtype: torch.dtype, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    def state_dict_stream(
+        self, dtype: torch.dtype, bucket_bytes: int
+    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Full tensors cast to ``dtype``, in buckets of about ``bucket_bytes``.
 
         Collective: every rank must drain the stream (each DTensor is all-gathered).
@@ -313,14 +323,15 @@ class FSDPEngine:
         dcp.save(state, checkpoint_id=str(path))
 
     def load(self, path: str | Path) -> None:
+        """Restore what ``save`` wrote (same model and world size)."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd, "engine": self._engine_state()}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        self.scheduler.load_state_dict(state["engine"]["scheduler"])
-        self.global_step = int(state["engine"]["global_step"])
+        engine = self._engine_state()
+        dcp.load({"model": model_sd, "optim": optim_sd, "engine": engine}, checkpoint_id=str(path))
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        self.scheduler.load_state_dict(engine["scheduler"])
+        self.global_step = int(engine["global_step"])
 
-    def _engine_state(self) -> dict:
+    def _engine_state(self) -> dict[str, Any]:
         return {"scheduler": self.scheduler.state_dict(), "global_step": self.global_step}
 
     def offload(self) -> None:

@@ -42,4 +42,3 @@ def sync_weights(
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "bytes": float(moved[0]), "gb_per_s": moved[0] / 1e9 / max(seconds, 1e-9)}
-

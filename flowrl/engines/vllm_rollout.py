@@ -96,18 +96,18 @@ def _executor_kwargs(config: VLLMRolloutConfig) -> dict[str, Any]:
         os.environ.setdefault("RANK", str(dist.get_rank()))
         os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
         os.environ.setdefault("LOCAL_RANK", "0")
-        return dict(
-            distributed_executor_backend="external_launcher",
-            tensor_parallel_size=config.tensor_parallel_size,
-            data_parallel_size=1,
-        )
+        return {
+            "distributed_executor_backend": "external_launcher",
+            "tensor_parallel_size": config.tensor_parallel_size,
+            "data_parallel_size": 1,
+        }
     if config.tensor_parallel_size != 1:
         raise ValueError(
             f"VLLMRollout: tensor_parallel_size={config.tensor_parallel_size} needs an initialized "
             "torch.distributed world of that many ranks (create the training engine first)"
         )
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
-    return dict(tensor_parallel_size=1)
+    return {"tensor_parallel_size": 1}
 
 
 class VLLMRollout:
@@ -120,14 +120,13 @@ class VLLMRollout:
         self.dtype = DTYPES[config.dtype]
         self.on_gpu = torch.cuda.is_available()
         self.sleep_enabled = config.enable_sleep_mode and self.on_gpu
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"dtype": config.dtype}
         if config.attention_backend is not None:
             extra["attention_backend"] = config.attention_backend
         caller = _CallerState.capture()
         try:
             self.llm = LLM(
                 model=config.model_path,
-                dtype=config.dtype,
                 max_model_len=config.max_model_len,
                 gpu_memory_utilization=config.gpu_memory_utilization,
                 enforce_eager=config.enforce_eager,
@@ -176,40 +175,31 @@ class VLLMRollout:
         marks responses that stopped at ``max_tokens`` (or the model length) without EOS.
         ``ROLLOUT_LOGPROBS`` are vLLM's log-probs of the sampled tokens after temperature
         (and top-k/top-p, which the trainer does not apply: keep them off to compare).
+        No text is produced (``detokenize=False``): decode ``RESPONSE_IDS`` where needed.
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        copies = n if temperature == 0 else 1  # vLLM allows n > 1 only when sampling
         params = SamplingParams(
-            n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-            ignore_eos=ignore_eos, logprobs=0,
-        )  # fmt: skip
-        requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_lists(prompts)]
+            n=n // copies,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            max_tokens=max_tokens,
+            ignore_eos=ignore_eos,
+            logprobs=0,
+            detokenize=False,
+        )
+        requests = [
+            TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_lists(prompts) for _ in range(copies)
+        ]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         completions = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
         result = prompts.repeat(n, interleave=True)
-        for key, value in self._response_fields(completions, max_tokens).items():
+        for key, value in response_fields(completions, max_tokens, self.pad_token_id).items():
             result[key] = value
         return result
-
-    def _response_fields(self, completions: list[Any], width: int) -> dict[str, Any]:
-        rows = len(completions)
-        ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)  # [B*n, R]
-        mask = torch.zeros(rows, width, dtype=torch.float32)  # [B*n, R]
-        logprobs = torch.zeros(rows, width, dtype=torch.float32)  # [B*n, R]
-        for i, c in enumerate(completions):
-            tokens = list(c.token_ids)
-            ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            mask[i, : len(tokens)] = 1.0
-            logprobs[i, : len(tokens)] = torch.tensor([lp[t].logprob for t, lp in zip(tokens, c.logprobs)])
-        reasons = [str(c.finish_reason) for c in completions]
-        return {
-            Keys.RESPONSE_IDS: ids,
-            Keys.RESPONSE_MASK: mask,
-            Keys.ROLLOUT_LOGPROBS: logprobs,
-            Keys.TRUNCATED: torch.tensor([r == "length" for r in reasons], dtype=torch.bool),
-            Keys.FINISH_REASON: reasons,
-        }
 
     # ---- weights and memory ----------------------------------------------------------
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -251,12 +241,31 @@ def _refresh_tied_lm_head(worker: Any) -> bool:
     weight = getattr(head, "weight", None)
     if head is None or weight is None or not hasattr(head, "quant_method"):
         return False
-    shared = any(
-        p is weight for m in model.modules() if m is not head for p in m.parameters(recurse=False)
-    )
+    shared = any(p is weight for m in model.modules() if m is not head for p in m.parameters(recurse=False))
     if shared:
         head.quant_method.process_weights_after_loading(head)
     return shared
+
+
+def response_fields(completions: list[Any], width: int, pad_token_id: int) -> dict[str, Any]:
+    """Batch fields from vLLM completions (``token_ids``, ``logprobs``, ``finish_reason`` each)."""
+    rows = len(completions)
+    ids = torch.full((rows, width), pad_token_id, dtype=torch.long)  # [B*n, R]
+    mask = torch.zeros(rows, width, dtype=torch.float32)  # [B*n, R]
+    logprobs = torch.zeros(rows, width, dtype=torch.float32)  # [B*n, R]
+    for i, c in enumerate(completions):
+        tokens = list(c.token_ids)
+        ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[i, : len(tokens)] = 1.0
+        logprobs[i, : len(tokens)] = torch.tensor([lp[t].logprob for t, lp in zip(tokens, c.logprobs)])
+    reasons = [str(c.finish_reason) for c in completions]
+    return {
+        Keys.RESPONSE_IDS: ids,
+        Keys.RESPONSE_MASK: mask,
+        Keys.ROLLOUT_LOGPROBS: logprobs,
+        Keys.TRUNCATED: torch.tensor([r == "length" for r in reasons], dtype=torch.bool),
+        Keys.FINISH_REASON: reasons,
+    }
 
 
 def prompt_token_lists(prompts: Batch) -> list[list[int]]:

@@ -28,6 +28,25 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
         return [pickle.loads(Path(out_dir, f"rank{r}.pkl").read_bytes()) for r in range(world_size)]
 
 
+def run_plain(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in one fresh process with no launcher variables and no process group."""
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as out_dir:
+        proc = ctx.Process(target=_plain_entry, args=(fn, out_dir, args))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(f"run_plain: {getattr(fn, '__name__', fn)} exited with code {proc.exitcode}")
+        return pickle.loads(Path(out_dir, "result.pkl").read_bytes())
+
+
+def _plain_entry(fn: Callable[..., Any], out_dir: str, args: tuple) -> None:
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    torch.set_num_threads(1)
+    Path(out_dir, "result.pkl").write_bytes(pickle.dumps(fn(*args)))
+
+
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_dir: str, args: tuple) -> None:
     os.environ.update(
         RANK=str(rank),
@@ -40,5 +59,4 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_di
     result = fn(rank, *args)
     Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # vLLM's exit hook tears the groups down; destroying them here first makes it fail

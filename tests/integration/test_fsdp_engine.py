@@ -22,6 +22,8 @@ from flowrl.keys import Keys
 from flowrl.models.tiny import make_tiny_model
 from tests.integration.multirank import run_ranks
 
+pytestmark = pytest.mark.slow  # ~40 s: two spawned ranks
+
 WORLD = 2
 ROWS = 8  # global batch; 4 per rank
 PAD = 0
@@ -41,10 +43,14 @@ def rollout_batch(rows: int, seed: int, vocab: int, max_prompt: int = 7, max_res
         prompt_mask[i, max_prompt - p :] = 1
         response_ids[i, :r] = torch.randint(3, vocab, (r,), generator=g)
         response_mask[i, :r] = 1.0
-    return Batch({
-        Keys.PROMPT_IDS: prompt_ids, Keys.PROMPT_MASK: prompt_mask,
-        Keys.RESPONSE_IDS: response_ids, Keys.RESPONSE_MASK: response_mask,
-    })  # fmt: skip
+    return Batch(
+        {
+            Keys.PROMPT_IDS: prompt_ids,
+            Keys.PROMPT_MASK: prompt_mask,
+            Keys.RESPONSE_IDS: response_ids,
+            Keys.RESPONSE_MASK: response_mask,
+        }
+    )
 
 
 def reference_logprobs(model: torch.nn.Module, batch: Batch, temperature: float = 1.0) -> list[torch.Tensor]:
@@ -81,7 +87,8 @@ def max_rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float
 def _policy_checks(rank: int, model_path: str, ckpt_dir: str) -> dict:
     from transformers import AutoModelForCausalLM
 
-    config = FSDPEngineConfig(model_path=model_path, optim=OptimizerConfig(lr=1e-2, grad_clip=0.0))
+    schedule = OptimizerConfig(lr=1e-2, grad_clip=0.0, lr_schedule="cosine", warmup_steps=3, total_steps=6)
+    config = FSDPEngineConfig(model_path=model_path, optim=schedule)
     engine = FSDPEngine(config)
     vocab = engine.model.config.vocab_size
     global_batch = rollout_batch(ROWS, seed=1, vocab=vocab)
@@ -109,7 +116,9 @@ def _policy_checks(rank: int, model_path: str, ckpt_dir: str) -> dict:
         for T in (1.0, 0.7):
             lp, ent = engine.compute_logprobs(local, temperature=T, micro_batch_size=3, with_entropy=True)
             want = reference_logprobs(ref, local, T) if T != 1.0 else mine
-            res[f"logprob_err_T{T}"] = max(float((lp[i, : len(w)] - w).abs().max()) for i, w in enumerate(want))
+            res[f"logprob_err_T{T}"] = max(
+                float((lp[i, : len(w)] - w).abs().max()) for i, w in enumerate(want)
+            )
         mask = local[Keys.RESPONSE_MASK]
         res["masked_zero"] = bool((lp[mask == 0] == 0).all() and (ent[mask == 0] == 0).all())
         res["entropy_positive"] = bool((ent[mask > 0] > 0).all())
@@ -117,7 +126,9 @@ def _policy_checks(rank: int, model_path: str, ckpt_dir: str) -> dict:
         lp4, _ = engine.compute_logprobs(local, 1.0, micro_batch_size=4)
         res["mbs1_vs_mbs4_logprob_max_diff"] = float((lp1 - lp4).abs().max())
         engine.config = replace(config, trim_padding=True)
-        res["trim_vs_untrimmed_max_diff"] = float((engine.compute_logprobs(local, 1.0, 4)[0] - lp4).abs().max())
+        res["trim_vs_untrimmed_max_diff"] = float(
+            (engine.compute_logprobs(local, 1.0, 4)[0] - lp4).abs().max()
+        )
         engine.config = config
 
     res.update(_step_checks(engine, local, ckpt_dir))
@@ -142,7 +153,9 @@ def _step_checks(engine: FSDPEngine, local: Batch, ckpt_dir: str) -> dict:
     engine.save(ckpt_dir)
     res["after_save"] = engine.train_step(local, token_mean_nll, micro_batch_size=2)
     params_after_save = full_params(engine)
+    res["steps_before_load"] = engine.global_step
     engine.load(ckpt_dir)
+    res["steps_after_load"] = engine.global_step
     res["after_load"] = engine.train_step(local, token_mean_nll, micro_batch_size=2)
     res["resume_param_diff"] = max(
         float((params_after_save[k] - v).abs().max()) for k, v in full_params(engine).items()
@@ -159,7 +172,9 @@ def _critic_checks(rank: int, model_path: str) -> dict:
     with torch.random.fork_rng():
         torch.manual_seed(7)
         hf_config = AutoConfig.from_pretrained(model_path, num_labels=1, classifier_dropout=0.0)
-        ref = AutoModelForTokenClassification.from_pretrained(model_path, config=hf_config, dtype=torch.float32)
+        ref = AutoModelForTokenClassification.from_pretrained(
+            model_path, config=hf_config, dtype=torch.float32
+        )
     values = engine.compute_values(local, micro_batch_size=3)  # [4, R]
     errs = []
     with torch.no_grad():
@@ -225,9 +240,12 @@ def test_logprobs_match_unpadded_reference(results: list[dict]) -> None:
 def test_train_step_updates_skips_nan_and_resumes(results: list[dict]) -> None:
     for r in results:
         assert r["all_params_changed"]
-        assert r["step1"]["skipped"] == 0.0 and r["step1"]["lr"] == 1e-2 and r["step1"]["grad_norm"] > 0
+        assert r["step1"]["skipped"] == 0.0 and r["step1"]["lr"] == pytest.approx(1e-2 / 3) and r["step1"]["grad_norm"] > 0
         assert r["nan_step"]["skipped"] == 1.0 and math.isnan(r["nan_step"]["grad_norm"])
         assert r["nan_step_params_unchanged"]
+        assert r["nan_step"]["lr"] == pytest.approx(2e-2 / 3)  # warmup 2 of 3; a skipped step stays there
+        assert (r["steps_before_load"], r["steps_after_load"]) == (2, 1)
+        assert r["after_save"]["lr"] == r["after_load"]["lr"] == pytest.approx(2e-2 / 3)  # schedule restored
         assert r["after_load"]["loss"] == r["after_save"]["loss"]
         assert r["after_load"]["grad_norm"] == r["after_save"]["grad_norm"]
         assert r["resume_param_diff"] == 0.0

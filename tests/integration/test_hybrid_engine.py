@@ -49,9 +49,13 @@ def make_prompts(rows: int, seed: int, vocab: int = 256, min_len: int = 3, max_l
 def hf_greedy(model: torch.nn.Module, prompts: Batch, max_new: int) -> list[list[int]]:
     """Hugging Face greedy continuations, cut after the first EOS."""
     out = model.generate(
-        input_ids=prompts[Keys.PROMPT_IDS], attention_mask=prompts[Keys.PROMPT_MASK],
-        max_new_tokens=max_new, do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
-    )[:, prompts[Keys.PROMPT_IDS].shape[1] :]  # fmt: skip
+        input_ids=prompts[Keys.PROMPT_IDS],
+        attention_mask=prompts[Keys.PROMPT_MASK],
+        max_new_tokens=max_new,
+        do_sample=False,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )[:, prompts[Keys.PROMPT_IDS].shape[1] :]
     rows = []
     for row in out.tolist():
         rows.append(row[: row.index(EOS) + 1] if EOS in row else row)
@@ -111,8 +115,16 @@ def response_checks(samples: Batch, max_tokens: int) -> dict:
     mask, ids = samples[Keys.RESPONSE_MASK], samples[Keys.RESPONSE_IDS]
     lengths = mask.sum(dim=1).long()
     reasons = samples[Keys.FINISH_REASON]
-    stop_ok = all(ids[i, lengths[i] - 1] == EOS and not samples[Keys.TRUNCATED][i] for i in range(len(samples)) if reasons[i] == "stop")  # noqa: E501
-    length_ok = all(lengths[i] == max_tokens and samples[Keys.TRUNCATED][i] for i in range(len(samples)) if reasons[i] == "length")  # noqa: E501
+    stop_ok = all(
+        ids[i, lengths[i] - 1] == EOS and not samples[Keys.TRUNCATED][i]
+        for i in range(len(samples))
+        if reasons[i] == "stop"
+    )
+    length_ok = all(
+        lengths[i] == max_tokens and samples[Keys.TRUNCATED][i]
+        for i in range(len(samples))
+        if reasons[i] == "length"
+    )
     return {
         "finish_reasons": sorted(set(reasons)),
         "stop_rows_end_with_eos": stop_ok,
@@ -126,7 +138,9 @@ def response_checks(samples: Batch, max_tokens: int) -> dict:
 
 def _hybrid_checks(rank: int, trainer_dir: str, rollout_dir: str) -> dict:
     res: dict = {}
-    trainer = FSDPEngine(FSDPEngineConfig(model_path=trainer_dir, optim=OptimizerConfig(lr=5e-2, grad_clip=0.0)))
+    trainer = FSDPEngine(
+        FSDPEngineConfig(model_path=trainer_dir, optim=OptimizerConfig(lr=5e-2, grad_clip=0.0))
+    )
     set_num_threads = torch.set_num_threads
     torch.manual_seed(1234)
     expected_draw = torch.rand(3)
@@ -135,7 +149,9 @@ def _hybrid_checks(rank: int, trainer_dir: str, rollout_dir: str) -> dict:
     rollout = VLLMRollout(VLLMRolloutConfig(model_path=rollout_dir, max_model_len=128, seed=rank))
     res["vllm_init_s"] = time.perf_counter() - start
     res["rng_untouched"] = torch.equal(torch.rand(3), expected_draw)
-    res["set_num_threads_restored"] = torch.set_num_threads is set_num_threads and torch.get_num_threads() == 1
+    res["set_num_threads_restored"] = (
+        torch.set_num_threads is set_num_threads and torch.get_num_threads() == 1
+    )
 
     prompts = make_prompts(PROMPTS, seed=rank)
     before_sync = responses(rollout.generate(prompts, temperature=0.0, max_tokens=GREEDY_TOKENS))
@@ -152,19 +168,27 @@ def _hybrid_checks(rank: int, trainer_dir: str, rollout_dir: str) -> dict:
     samples = rollout.generate(prompts, n=SAMPLES, temperature=1.0, max_tokens=GREEDY_TOKENS)
     res["generate_s"] = time.perf_counter() - start
     res["sample_checks"] = response_checks(samples, GREEDY_TOKENS)
-    res["rows_follow_prompts"] = torch.equal(samples[Keys.PROMPT_IDS], prompts[Keys.PROMPT_IDS].repeat_interleave(SAMPLES, 0))  # noqa: E501
+    res["rows_follow_prompts"] = torch.equal(
+        samples[Keys.PROMPT_IDS], prompts[Keys.PROMPT_IDS].repeat_interleave(SAMPLES, 0)
+    )
     res["gap_T1"] = sampling_gap(trainer, samples, 1.0)
-    res["gap_T0.7"] = sampling_gap(trainer, rollout.generate(prompts, n=SAMPLES, temperature=0.7, max_tokens=GREEDY_TOKENS), 0.7)  # noqa: E501
+    res["gap_T0.7"] = sampling_gap(
+        trainer, rollout.generate(prompts, n=SAMPLES, temperature=0.7, max_tokens=GREEDY_TOKENS), 0.7
+    )
 
     before = {n: p.full_tensor().clone() for n, p in trainer.model.named_parameters()}
     res["train"] = trainer.train_step(samples, sampled_nll, micro_batch_size=8)
-    res["all_params_changed"] = all(not torch.equal(before[n], p.full_tensor()) for n, p in trainer.model.named_parameters())  # noqa: E501
+    res["all_params_changed"] = all(
+        not torch.equal(before[n], p.full_tensor()) for n, p in trainer.model.named_parameters()
+    )
     res["sync2"] = sync_weights(trainer, rollout, bucket_bytes=16 << 10)
     after = responses(rollout.generate(prompts, temperature=0.0, max_tokens=GREEDY_TOKENS))
     hf_after = hf_greedy(full_hf_model(trainer, trainer_dir), prompts, GREEDY_TOKENS)
     res["greedy_after_train_matches_hf"] = [a == b for a, b in zip(after, hf_after)]
     res["greedy_changed_by_train"] = after != responses(greedy)
-    res["gap_T1_after_train"] = sampling_gap(trainer, rollout.generate(prompts, n=SAMPLES, max_tokens=GREEDY_TOKENS), 1.0)  # noqa: E501
+    res["gap_T1_after_train"] = sampling_gap(
+        trainer, rollout.generate(prompts, n=SAMPLES, max_tokens=GREEDY_TOKENS), 1.0
+    )
     return res
 
 
