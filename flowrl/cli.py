@@ -8,7 +8,13 @@ import sys
 
 from flowrl.config import ConfigError, load_config
 
-DRIVERS = {"grpo": "flowrl.algos.grpo"}
+DRIVERS = {
+    "ppo": "flowrl.algos.ppo",
+    "grpo": "flowrl.algos.grpo",
+    "remax": "flowrl.algos.remax",
+    "rloo": "flowrl.algos.rloo",
+    "reinforce_pp": "flowrl.algos.reinforce_pp",
+}
 
 
 def train(recipe: str, overrides: list[str]) -> int:

@@ -46,7 +46,8 @@ class Runtime:
     def shutdown(self) -> None:
         self.rewards.close()
         self.tracker.close()
-        self.actor.shutdown()
+        self.actor.shutdown()  # every colocated role lives in these processes
+        self.actor.pool.shutdown()
 
 
 def needs_reference(cfg: DictConfig) -> bool:

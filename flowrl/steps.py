@@ -6,17 +6,78 @@ their driver (ReMax's greedy baseline lives in ``flowrl/algos/remax.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from omegaconf import DictConfig
 
 from flowrl.algos import apply_kl_penalty, masked_mean, token_scores
 from flowrl.algos.kl import FixedKLController
 from flowrl.batch import Batch
 from flowrl.keys import Keys
 from flowrl.rewards import reward_metrics
-from flowrl.runtime import Runtime
-from flowrl.tracking import mean_metrics
+from flowrl.runtime import Runtime, build_runtime
+from flowrl.tracking import Timer, mean_metrics
 
 Metrics = dict[str, float]
+
+
+def collect(rt: Runtime, timer: Timer, n: int) -> tuple[Batch, Metrics]:
+    """The first half of every step: sample, score, and the log-probs the losses need.
+
+    Returns a batch with the responses, ``SCORES``, ``OLD_LOGPROBS`` (+ ``REF_LOGPROBS``
+    with a reference, ``VALUES`` with a critic) and the reward metrics.
+    """
+    with timer("generate"):
+        batch = rollout(rt, rt.next_prompts(), n=n)
+    with timer("reward"):
+        batch, metrics = score(rt, batch)
+    with timer("old_logprobs"):
+        batch = batch | rt.actor.compute_logprobs(batch)
+    if rt.ref is not None:
+        with timer("ref"):
+            batch = batch | rt.ref.compute_ref_logprobs(batch)
+    if rt.critic is not None:
+        with timer("values"):
+            batch = batch | rt.critic.compute_values(batch)
+    return batch, metrics
+
+
+def learn(rt: Runtime, timer: Timer, batch: Batch, metrics: Metrics) -> Metrics:
+    """The second half: critic and actor updates, the weight sync, and the step's metrics."""
+    if rt.critic is not None:
+        with timer("critic_update"):
+            metrics |= update_metrics(rt.critic.update(batch))
+    with timer("update"):
+        metrics |= update_metrics(rt.actor.update(batch))
+    with timer("weight_sync"):
+        metrics |= sync_metrics(rt.actor.sync_weights())
+    metrics |= rollout_metrics(batch)
+    metrics |= timer.metrics()
+    tokens = float(batch[Keys.RESPONSE_MASK].sum() + batch[Keys.PROMPT_MASK].sum())
+    metrics["perf/tokens_per_s"] = tokens / metrics["timing/step"]
+    return metrics
+
+
+def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics]) -> Metrics:
+    """The outer loop every driver shares: evaluate, ``train_step`` per step, evaluate, log.
+
+    Returns the validation metrics before (``*_before``) and after training.
+    """
+    rt = build_runtime(cfg)
+    try:
+        before = {f"{k}_before": v for k, v in evaluate(rt).items()}
+        rt.tracker.log(0, before)
+        for step in range(1, cfg.trainer.total_steps + 1):
+            metrics = train_step(rt)
+            if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
+                metrics |= evaluate(rt)
+            rt.tracker.log(step, metrics)
+        after = evaluate(rt)
+        rt.tracker.log(cfg.trainer.total_steps, after)
+        return {**before, **after}
+    finally:
+        rt.shutdown()
 
 
 def rollout(rt: Runtime, prompts: Batch, n: int, temperature: float | None = None) -> Batch:

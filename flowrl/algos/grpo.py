@@ -5,7 +5,7 @@ score relative to its group as the advantage of all of its tokens:
 
     A_i = (r_i - mean(r_group)) / (std(r_group) + eps)
 
-then take clipped policy-gradient steps on those advantages.
+then take clipped policy-gradient steps on those advantages. No critic.
 
 Deviations from the paper:
 - The KL to the reference is optional (``actor.use_kl_loss``, k3 estimator as in the
@@ -25,52 +25,22 @@ from flowrl import steps
 from flowrl.algos import compute_advantages
 from flowrl.algos.config import AdvantageConfig
 from flowrl.keys import Keys
-from flowrl.runtime import Runtime, build_runtime
+from flowrl.runtime import Runtime
 from flowrl.tracking import Timer
 
 
 def train_step(rt: Runtime) -> dict[str, float]:
-    cfg = rt.cfg
     timer = Timer()
-    with timer("generate"):
-        batch = steps.rollout(rt, rt.next_prompts(), n=cfg.rollout.n)
-    with timer("reward"):
-        batch, metrics = steps.score(rt, batch)
-    with timer("old_logprobs"):
-        batch = batch | rt.actor.compute_logprobs(batch)
-    if rt.ref is not None:
-        with timer("ref"):
-            batch = batch | rt.ref.compute_ref_logprobs(batch)
+    batch, metrics = steps.collect(rt, timer, n=rt.cfg.rollout.n)
 
-    # ALGO LOGIC: group-relative advantages, no critic
+    # ALGO LOGIC: the sequence score relative to its group is every token's advantage
     batch[Keys.TOKEN_REWARDS], _ = steps.token_rewards(batch, None, "k1")
-    adv_cfg = AdvantageConfig(**cfg.algorithm.advantage)
+    adv_cfg = AdvantageConfig(**rt.cfg.algorithm.advantage)
     batch[Keys.ADVANTAGES], batch[Keys.RETURNS] = compute_advantages(batch, adv_cfg)
 
-    with timer("update"):
-        metrics |= steps.update_metrics(rt.actor.update(batch))
-    with timer("weight_sync"):
-        metrics |= steps.sync_metrics(rt.actor.sync_weights())
-    metrics |= steps.rollout_metrics(batch)
-    metrics |= timer.metrics()
-    tokens = float(batch[Keys.RESPONSE_MASK].sum() + batch[Keys.PROMPT_MASK].sum())
-    metrics["perf/tokens_per_s"] = tokens / metrics["timing/step"]
-    return metrics
+    return steps.learn(rt, timer, batch, metrics)
 
 
 def main(cfg: DictConfig) -> dict[str, float]:
-    """Train for ``trainer.total_steps``; returns the final validation metrics."""
-    rt = build_runtime(cfg)
-    try:
-        before = steps.evaluate(rt)
-        rt.tracker.log(0, {f"{k}_before": v for k, v in before.items()})
-        for step in range(1, cfg.trainer.total_steps + 1):
-            metrics = train_step(rt)
-            if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
-                metrics |= steps.evaluate(rt)
-            rt.tracker.log(step, metrics)
-        after = steps.evaluate(rt)
-        rt.tracker.log(cfg.trainer.total_steps, after)
-        return {**{f"{k}_before": v for k, v in before.items()}, **after}
-    finally:
-        rt.shutdown()
+    """Train for ``trainer.total_steps``; returns the validation metrics before and after."""
+    return steps.run(cfg, train_step)

@@ -1,0 +1,56 @@
+"""ReMax: REINFORCE with the greedy response as baseline (Li et al., 2023, arXiv:2310.10505).
+
+For each prompt x, sample y ~ pi(.|x) and decode y_greedy = argmax; the advantage of
+every token of y is r(x, y) - r(x, y_greedy). No critic, no value model memory.
+
+Deviations from the paper:
+- Updates use the clipped surrogate (``actor.policy_loss``) rather than the plain
+  REINFORCE gradient; with one update per rollout (the default) the first mini-batch is
+  exactly REINFORCE, since the ratio is 1 at the rollout policy.
+- ``rollout.n`` samples per prompt may share one greedy baseline (the paper uses n=1).
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from flowrl import steps
+from flowrl.algos import compute_advantages
+from flowrl.algos.config import AdvantageConfig
+from flowrl.batch import Batch
+from flowrl.keys import Keys
+from flowrl.runtime import Runtime
+from flowrl.tracking import Timer
+
+
+def greedy_baseline(rt: Runtime, batch: Batch, n: int) -> Batch:
+    """Score one greedy response per prompt; each of the prompt's n samples gets that score."""
+    prompts = batch[::n].select(*_prompt_keys(batch))
+    greedy = steps.rollout(rt, prompts, n=1, temperature=0.0)
+    scores = rt.rewards.score(greedy)[Keys.SCORES]  # [B / n]
+    return Batch({Keys.BASELINE_SCORES: scores.repeat_interleave(n)})  # [B]
+
+
+def _prompt_keys(batch: Batch) -> list[str]:
+    keys = (Keys.PROMPT_IDS, Keys.PROMPT_MASK, Keys.PROMPT_TEXT, Keys.GROUND_TRUTH, Keys.DATA_SOURCE, Keys.EXTRA_INFO)
+    return [k for k in keys if k in batch]
+
+
+def train_step(rt: Runtime) -> dict[str, float]:
+    timer = Timer()
+    n = rt.cfg.rollout.n
+    batch, metrics = steps.collect(rt, timer, n=n)
+
+    # ALGO LOGIC: the greedy response's reward is the baseline
+    with timer("greedy_baseline"):
+        batch = batch | greedy_baseline(rt, batch, n)
+    adv_cfg = AdvantageConfig(**rt.cfg.algorithm.advantage)
+    batch[Keys.ADVANTAGES], batch[Keys.RETURNS] = compute_advantages(batch, adv_cfg)
+    metrics["remax/baseline_mean"] = float(batch[Keys.BASELINE_SCORES].mean())
+
+    return steps.learn(rt, timer, batch, metrics)
+
+
+def main(cfg: DictConfig) -> dict[str, float]:
+    """Train for ``trainer.total_steps``; returns the validation metrics before and after."""
+    return steps.run(cfg, train_step)
