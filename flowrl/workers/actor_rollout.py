@@ -1,5 +1,8 @@
 """The hybrid actor-rollout worker: an FSDP2 policy and a vLLM engine in one process.
 
+On GPU vLLM sleeps (level 1: weights copied to host memory, KV cache freed) except
+while it generates or receives weights, so training has the device memory.
+
 Per training step the driver calls, in order: ``generate`` (vLLM), ``compute_logprobs``
 (the trainer's log-probs before the update), ``update`` (the clipped policy-gradient
 step), ``sync_weights`` (stream the new weights into vLLM, in place).
@@ -43,6 +46,7 @@ class ActorRollout(Worker):
     def generate(self, prompts: Batch, n: int = 1, temperature: float | None = None) -> Batch:
         """``n`` responses per prompt (``aabb`` order) with response ids, mask, text and sampler log-probs."""
         r = self.cfg.rollout
+        self.rollout.wake_up()  # GPU: weights and KV cache back (a no-op when awake, and on CPU)
         out = self.rollout.generate(
             prompts,
             n=n,
@@ -52,6 +56,7 @@ class ActorRollout(Worker):
             max_tokens=r.max_response_length,
             ignore_eos=r.ignore_eos,
         )
+        self.rollout.sleep()  # GPU: free vLLM's weights and KV cache for training (no-op on CPU)
         ids, mask = out[Keys.RESPONSE_IDS], out[Keys.RESPONSE_MASK]
         out[Keys.RESPONSE_TEXT] = [
             self.tokenizer.decode(row[: int(m.sum())].tolist(), skip_special_tokens=True) for row, m in zip(ids, mask)
