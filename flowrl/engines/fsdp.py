@@ -124,10 +124,10 @@ class FSDPEngine:
 
     def __init__(self, config: FSDPEngineConfig) -> None:
         self.config = config
+        init_process_group(torch.device(config.device))  # on GPU this also selects cuda:LOCAL_RANK
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        init_process_group(self.device)
         self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
         self.mesh = init_device_mesh(self.device.type, (self.dp_size,), mesh_dim_names=("fsdp",))
         self.model = load_hf_model(config)
