@@ -214,7 +214,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=3, help="measured iterations (after one warm-up)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.4)
-    p.add_argument("--threads", type=int, default=0, help="CPU: torch threads per rank (0: cores / nproc)")
+    p.add_argument("--threads", type=int, default=1, help="CPU: torch threads per rank (0: cores / nproc)")
     p.add_argument("--cpu-kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE on CPU")
     return p.parse_args()
 

@@ -124,10 +124,10 @@ class FSDPEngine:
 
     def __init__(self, config: FSDPEngineConfig) -> None:
         self.config = config
+        init_process_group(torch.device(config.device))  # on GPU this also selects cuda:LOCAL_RANK
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        init_process_group(self.device)
         self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
         self.mesh = init_device_mesh(self.device.type, (self.dp_size,), mesh_dim_names=("fsdp",))
         self.model = load_hf_model(config)
@@ -245,16 +245,17 @@ class FSDPEngine:
         counts = self._all_gather_floats([float(batch[Keys.RESPONSE_MASK].sum()), float(len(batch))])
         norm = Normalizer(global_tokens=float(counts[:, 0].sum()), global_seqs=float(counts[:, 1].sum()))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        metric_sums: dict[str, float] = {}
+        metric_sums: dict[str, torch.Tensor | float] = {}
         for micro in micros:
             micro = micro.to(self.device)
             loss, metrics = loss_fn(micro, self._forward(micro, temperature, with_entropy), norm)
             (loss * self.dp_size).backward()  # FSDP2's reduce-scatter divides by dp_size again
             loss_sum += loss.detach().double()
-            for key, value in metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+            for key, value in metrics.items():  # summed on the device: one sync at the end
+                value = value.detach() if isinstance(value, torch.Tensor) else value
+                metric_sums[key] = metric_sums.get(key, 0.0) + value
         dist.all_reduce(loss_sum)
-        result = {k: v / len(micros) for k, v in metric_sums.items()}
+        result = {k: float(v) / len(micros) for k, v in metric_sums.items()}
         result["loss"] = float(loss_sum)
         return result
 

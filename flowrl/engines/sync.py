@@ -22,9 +22,16 @@ DEFAULT_BUCKET_BYTES = 512 * 2**20
 
 
 def sync_weights(
-    trainer: FSDPEngine, rollout: VLLMRollout, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    trainer: FSDPEngine,
+    rollout: VLLMRollout,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    wake_kv_cache: bool = True,
 ) -> dict[str, float]:
-    """Copy the trainer's current weights into the rollout engine; returns seconds, bytes, gb_per_s."""
+    """Copy the trainer's current weights into the rollout engine; returns seconds, bytes, gb_per_s.
+
+    Pass ``wake_kv_cache=False`` to free trainer memory first (``trainer.offload()``) and
+    then call ``rollout.wake_up(tags=["kv_cache"])`` yourself.
+    """
     dtype = rollout.dtype
     moved = [0]
 
@@ -37,7 +44,8 @@ def sync_weights(
     start = time.perf_counter()
     rollout.wake_up(tags=["weights"])
     rollout.load_weights(flat_stream())
-    rollout.wake_up(tags=["kv_cache"])
+    if wake_kv_cache:
+        rollout.wake_up(tags=["kv_cache"])
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

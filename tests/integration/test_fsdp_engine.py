@@ -240,7 +240,11 @@ def test_logprobs_match_unpadded_reference(results: list[dict]) -> None:
 def test_train_step_updates_skips_nan_and_resumes(results: list[dict]) -> None:
     for r in results:
         assert r["all_params_changed"]
-        assert r["step1"]["skipped"] == 0.0 and r["step1"]["lr"] == pytest.approx(1e-2 / 3) and r["step1"]["grad_norm"] > 0
+        assert (
+            r["step1"]["skipped"] == 0.0
+            and r["step1"]["lr"] == pytest.approx(1e-2 / 3)
+            and r["step1"]["grad_norm"] > 0
+        )
         assert r["nan_step"]["skipped"] == 1.0 and math.isnan(r["nan_step"]["grad_norm"])
         assert r["nan_step_params_unchanged"]
         assert r["nan_step"]["lr"] == pytest.approx(2e-2 / 3)  # warmup 2 of 3; a skipped step stays there

@@ -23,6 +23,7 @@ from flowrl.engines.sync import sync_weights
 from flowrl.engines.vllm_rollout import VLLMRollout, VLLMRolloutConfig
 from flowrl.keys import Keys
 from flowrl.models.tiny import TinyModelConfig, make_tiny_model
+from tests.integration.generation import EOS, PAD, hf_greedy, make_prompts, responses
 from tests.integration.multirank import run_ranks
 
 pytestmark = pytest.mark.slow
@@ -31,40 +32,7 @@ WORLD = 2
 PROMPTS = 8  # per rank
 GREEDY_TOKENS = 16
 SAMPLES = 4  # per prompt
-PAD, EOS = 0, 1  # ids of the tiny tokenizer
 TIED = TinyModelConfig(tie_word_embeddings=True)
-
-
-def make_prompts(rows: int, seed: int, vocab: int = 256, min_len: int = 3, max_len: int = 10) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.full((rows, max_len), PAD)
-    mask = torch.zeros(rows, max_len, dtype=torch.long)
-    for i in range(rows):
-        n = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
-        ids[i, max_len - n :] = torch.randint(4, vocab, (n,), generator=g)
-        mask[i, max_len - n :] = 1
-    return Batch({Keys.PROMPT_IDS: ids, Keys.PROMPT_MASK: mask})
-
-
-def hf_greedy(model: torch.nn.Module, prompts: Batch, max_new: int) -> list[list[int]]:
-    """Hugging Face greedy continuations, cut after the first EOS."""
-    out = model.generate(
-        input_ids=prompts[Keys.PROMPT_IDS],
-        attention_mask=prompts[Keys.PROMPT_MASK],
-        max_new_tokens=max_new,
-        do_sample=False,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-    )[:, prompts[Keys.PROMPT_IDS].shape[1] :]
-    rows = []
-    for row in out.tolist():
-        rows.append(row[: row.index(EOS) + 1] if EOS in row else row)
-    return rows
-
-
-def responses(batch: Batch) -> list[list[int]]:
-    ids, mask = batch[Keys.RESPONSE_IDS], batch[Keys.RESPONSE_MASK]
-    return [r[m.bool()].tolist() for r, m in zip(ids, mask)]
 
 
 def tune_eos(model_dir: Path) -> float:

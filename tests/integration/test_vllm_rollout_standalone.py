@@ -10,8 +10,8 @@ import torch
 
 from flowrl.engines.vllm_rollout import VLLMRollout, VLLMRolloutConfig
 from flowrl.models.tiny import make_tiny_model
+from tests.integration.generation import hf_greedy, make_prompts, responses
 from tests.integration.multirank import run_plain
-from tests.integration.test_hybrid_engine import hf_greedy, make_prompts, responses
 
 pytestmark = pytest.mark.slow
 
