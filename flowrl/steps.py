@@ -11,7 +11,8 @@ from collections.abc import Callable
 import torch
 from omegaconf import DictConfig
 
-from flowrl.algos import apply_kl_penalty, masked_mean, token_scores
+from flowrl.algos import apply_kl_penalty, make_kl_controller, masked_mean, token_scores
+from flowrl.algos.config import KLControllerConfig
 from flowrl.algos.kl import FixedKLController
 from flowrl.batch import Batch
 from flowrl.keys import Keys
@@ -91,6 +92,13 @@ def score(rt: Runtime, batch: Batch) -> tuple[Batch, Metrics]:
     """Rule rewards into ``SCORES`` (a failing reward function scores 0 and is counted)."""
     scored = rt.rewards.score(batch)
     return batch | scored, reward_metrics(scored)
+
+
+def kl_controller(cfg: DictConfig) -> FixedKLController | None:
+    """The in-reward KL coefficient's controller, or None when ``algorithm.use_kl_in_reward`` is off."""
+    if not cfg.algorithm.use_kl_in_reward:
+        return None
+    return make_kl_controller(KLControllerConfig(**cfg.algorithm.kl_ctrl))
 
 
 def token_rewards(batch: Batch, kl_ctrl: FixedKLController | None, kl_estimator: str) -> tuple[torch.Tensor, Metrics]:

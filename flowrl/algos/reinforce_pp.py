@@ -16,8 +16,8 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from flowrl import steps
-from flowrl.algos import compute_advantages, make_kl_controller
-from flowrl.algos.config import AdvantageConfig, KLControllerConfig
+from flowrl.algos import compute_advantages
+from flowrl.algos.config import AdvantageConfig
 from flowrl.algos.kl import FixedKLController
 from flowrl.keys import Keys
 from flowrl.runtime import Runtime
@@ -39,6 +39,5 @@ def train_step(rt: Runtime, kl_ctrl: FixedKLController | None) -> dict[str, floa
 
 def main(cfg: DictConfig) -> dict[str, float]:
     """Train for ``trainer.total_steps``; returns the validation metrics before and after."""
-    kl_cfg = KLControllerConfig(**cfg.algorithm.kl_ctrl)
-    kl_ctrl = make_kl_controller(kl_cfg) if cfg.algorithm.use_kl_in_reward else None
+    kl_ctrl = steps.kl_controller(cfg)
     return steps.run(cfg, lambda rt: train_step(rt, kl_ctrl))
