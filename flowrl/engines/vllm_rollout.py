@@ -222,8 +222,14 @@ class VLLMRollout:
             self.llm.sleep(level=level)
 
     def wake_up(self, tags: list[str] | None = None) -> None:
-        """Re-allocate "weights" and/or "kv_cache" (all when None); no-op on CPU."""
+        """Re-allocate "weights" and/or "kv_cache" (all when None); no-op on CPU.
+
+        The trainer's freed activations stay reserved in PyTorch's caching allocator,
+        which vLLM's allocator cannot use: hand them back to the driver first, or the
+        KV cache does not fit after a large training step.
+        """
         if self.sleep_enabled:
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=tags)
 
 
