@@ -143,14 +143,12 @@ def one_step(trainer: FSDPEngine, rollout: VLLMRollout, prompts: Batch, args: ar
     with Clock(cuda) as sleep:
         rollout.sleep(level=1)
     asleep_used = device_used_gib() if cuda else 0.0
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     with Clock(cuda) as train:
         trainer.train_step(batch, sampled_nll, args.micro_batch)
     return {
         "generate_device_used_gib": gen_used,
         "asleep_device_used_gib": asleep_used,
-        "train_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        "after_train_device_used_gib": device_used_gib() if cuda else 0.0,
         "sync_s": sync["seconds"],
         "sync_gb_per_s": sync["gb_per_s"],
         "sync_gb": sync["bytes"] / 1e9,
@@ -206,7 +204,7 @@ def report(args: argparse.Namespace, rows: list[dict], init_s: float) -> None:
         "sleep_s": round(med["sleep_s"], 4),
         "generate_device_used_gib": round(med["generate_device_used_gib"], 2),
         "asleep_device_used_gib": round(med["asleep_device_used_gib"], 2),
-        "train_peak_allocated_gib": round(med["train_peak_allocated_gib"], 2),
+        "after_train_device_used_gib": round(med["after_train_device_used_gib"], 2),
         "cuda_graphs": args.cuda_graphs,
         "iters": len(rows),
     }
