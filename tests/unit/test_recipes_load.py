@@ -1,0 +1,27 @@
+"""Every recipe loads and validates with the overrides its header names."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from flowrl.cli import DRIVERS
+from flowrl.config import load_config
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+
+
+def test_there_are_recipes_for_the_main_algorithms():
+    names = {p.name.split("_")[0] for p in RECIPES}
+    assert {"ppo", "grpo", "remax", "rloo", "reinforce"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_loads(recipe):
+    header = recipe.read_text().split("\ntrainer:")[0]
+    assert "# Hardware:" in header and "# Run:" in header
+    command = " ".join(ln.lstrip("# ").rstrip("\\ ") for ln in header.splitlines() if "flowrl train" in ln or ln.startswith("#         "))
+    overrides = [w for w in re.findall(r"\S+=\S+", command)]
+    assert overrides, f"{recipe.name}: the Run line names no overrides"
+    cfg = load_config(recipe, overrides)
+    assert cfg.trainer.algorithm in DRIVERS
