@@ -7,6 +7,7 @@ kl          KL estimators and KL-coefficient controllers
 rewards     sequence scores -> token rewards (with the KL penalty)
 importance  sampler vs trainer log-probs: mismatch metrics, truncated IS
 masked      masked sum / mean / var / whiten
+preference  the Bradley–Terry pairwise loss of reward-model training
 registry    the estimator and policy-loss registries
 """
 
@@ -44,6 +45,7 @@ from .registry import (
     register_estimator,
     register_policy_loss,
 )
+from .preference import bradley_terry_loss, pair_accuracy
 from .rewards import apply_kl_penalty, last_token_index, token_scores
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "PolicyLossConfig",
     "aggregate",
     "apply_kl_penalty",
+    "bradley_terry_loss",
     "broadcast_to_tokens",
     "check_estimator_inputs",
     "compute_advantages",
@@ -81,6 +84,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "pair_accuracy",
     "pg_loss",
     "ppo_clip_loss",
     "register_estimator",
