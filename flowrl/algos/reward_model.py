@@ -137,11 +137,9 @@ def run(cfg: RewardModelTrainConfig) -> Metrics:
         metrics: Metrics = {}
         for step in range(1, cfg.steps + 1):
             metrics = mean_metrics(group.update(_next(loader)))
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
                 metrics |= evaluate(group, val)
             tracker.log(step, metrics)
-        metrics |= evaluate(group, val)
-        tracker.log(cfg.steps, metrics)
         group.save_hf(os.path.abspath(cfg.out_dir))
         return {**before, **metrics}
     finally:
