@@ -34,6 +34,7 @@ from .losses import (
     value_loss,
 )
 from .masked import masked_mean, masked_sum, masked_var, masked_whiten
+from .preference import bradley_terry_loss, pair_accuracy
 from .registry import (
     ESTIMATORS,
     KEY_PROVIDERS,
@@ -45,7 +46,6 @@ from .registry import (
     register_estimator,
     register_policy_loss,
 )
-from .preference import bradley_terry_loss, pair_accuracy
 from .rewards import apply_kl_penalty, last_token_index, token_scores
 
 __all__ = [

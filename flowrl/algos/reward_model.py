@@ -127,10 +127,11 @@ def run(cfg: RewardModelTrainConfig) -> Metrics:
     train = PreferenceDataset(cfg.train_files, tokenizer, data_cfg)
     val = PreferenceDataset(cfg.val_files, tokenizer, data_cfg) if cfg.val_files else None
     loader = DataLoader(train, cfg.batch_size, seed=cfg.seed)
-    pool = ResourcePool(cfg.num_workers, use_gpu=cfg.use_gpu, num_cpus_per_bundle=1)
-    group = WorkerGroup(pool, RewardModelTrainer)
     tracker = Tracker(cfg.out_dir, cfg.loggers, asdict(cfg))
+    pool = ResourcePool(cfg.num_workers, use_gpu=cfg.use_gpu, num_cpus_per_bundle=1)
+    group: WorkerGroup | None = None
     try:
+        group = WorkerGroup(pool, RewardModelTrainer)
         group.init_model(cfg.engine_config(), cfg.micro_batch_size)
         before = {f"{k}_before": v for k, v in evaluate(group, val).items()}
         tracker.log(0, before)
@@ -144,7 +145,8 @@ def run(cfg: RewardModelTrainConfig) -> Metrics:
         return {**before, **metrics}
     finally:
         tracker.close()
-        group.shutdown()
+        if group is not None:
+            group.shutdown()
         pool.shutdown()
 
 

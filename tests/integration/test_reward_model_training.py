@@ -73,7 +73,7 @@ def test_training_raises_held_out_pair_accuracy(trained):
     rows = [r for r in read_metrics(str(root / "rm")) if "train/loss" in r]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     first, last = rows[:20], rows[-20:]
-    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
     assert mean(last, "train/loss") < mean(first, "train/loss") - 0.05
     assert mean(last, "train/accuracy") > mean(first, "train/accuracy")
     assert all(r["train/skipped"] == 0.0 and r["train/grad_norm"] > 0 for r in rows)

@@ -12,10 +12,10 @@ from flowrl.algos import bradley_terry_loss, last_token_index, pair_accuracy
 from flowrl.algos.reward_model import RewardModelTrainConfig
 from flowrl.batch import Batch
 from flowrl.config import ConfigError, load_config
+from flowrl.engines.fsdp import Normalizer
 from flowrl.engines.sequences import model_inputs
 from flowrl.keys import Keys
 from flowrl.workers.reward_model import check_reward_model_folder, pair_loss
-from flowrl.engines.fsdp import Normalizer
 
 
 def test_bradley_terry_loss_hand_computed() -> None:
@@ -94,7 +94,7 @@ def test_rm_recipe_loads() -> None:
 
 
 def test_train_config_checks_batch_sizes() -> None:
-    ok = dict(model_path="/m", train_files=["t"], out_dir="/o")
+    ok = {"model_path": "/m", "train_files": ["t"], "out_dir": "/o"}
     with pytest.raises(ValueError, match="batch_size=6 is not divisible by num_workers=4"):
         RewardModelTrainConfig(**ok, batch_size=6, num_workers=4)
     with pytest.raises(ValueError, match="batch_size / num_workers = 8 is not divisible by micro_batch_size=3"):
