@@ -230,6 +230,12 @@ def validate(cfg: Any, where: str = "config") -> None:
         where,
         "critic.enable=true but critic.model.path is not set",
     )
+    _check(
+        cfg.reward_model is None or bool(cfg.reward_model.path),
+        where,
+        "reward_model is set but reward_model.path is not: name a *ForSequenceClassification folder "
+        "(or leave reward_model out to score with the rule rewards)",
+    )
     _check_estimator(cfg, where)
 
 

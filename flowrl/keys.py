@@ -33,6 +33,8 @@ class Keys:
     CHOSEN_MASK = "chosen_mask"  # [B, L] int64
     REJECTED_IDS = "rejected_ids"  # [B, L] int64, reward-model pair: other sequence (same L as chosen)
     REJECTED_MASK = "rejected_mask"  # [B, L] int64
+    CHOSEN_SCORES = "chosen_scores"  # [B] float32, reward-model score of the chosen sequence
+    REJECTED_SCORES = "rejected_scores"  # [B] float32, reward-model score of the rejected sequence
     LOSS_MASK = "loss_mask"  # [B, L] float32, SFT: 1 on tokens the loss counts (next-token targets)
     INPUT_IDS = "input_ids"  # [B, L] int64, SFT: right-padded full sequences
     ATTENTION_MASK = "attention_mask"  # [B, L] int64, SFT: 1 on real tokens

@@ -21,6 +21,7 @@ from flowrl.tracking import Tracker
 from flowrl.workers.actor_rollout import ActorRollout
 from flowrl.workers.critic import Critic
 from flowrl.workers.reference import Reference
+from flowrl.workers.reward_model import RewardModel
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Runtime:
     rewards: RewardRunner
     tracker: Tracker
     tokenizer: Any
+    rm: WorkerGroup | None = None  # a learned reward model; None: the rule rewards score
     groups: dict[str, WorkerGroup] = field(default_factory=dict)
 
     def next_prompts(self) -> Batch:
@@ -55,7 +57,10 @@ def needs_reference(cfg: DictConfig) -> bool:
 
 
 def build_runtime(cfg: DictConfig) -> Runtime:
-    """Start Ray and the colocated workers, load the data, open the reward runner and the tracker."""
+    """Start Ray and the colocated workers, load the data, open the reward runner and the tracker.
+
+    The rule-reward runner is opened even with a reward model: validation accuracy is
+    always measured by the rules (the ground truth), training rewards by the model."""
     t = cfg.trainer
     init_ray(num_gpus=t.num_workers if t.use_gpu else None)
     roles: dict[str, Any] = {"actor": ActorRollout}
@@ -63,6 +68,8 @@ def build_runtime(cfg: DictConfig) -> Runtime:
         roles["ref"] = Reference
     if cfg.critic.enable:
         roles["critic"] = Critic
+    if cfg.reward_model is not None:
+        roles["rm"] = RewardModel
     pool = ResourcePool(t.num_workers, use_gpu=t.use_gpu, num_cpus_per_bundle=1)
     groups = WorkerGroup.colocated(pool, roles)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -88,5 +95,6 @@ def build_runtime(cfg: DictConfig) -> Runtime:
         rewards=rewards,
         tracker=tracker,
         tokenizer=tokenizer,
+        rm=groups.get("rm"),
         groups=groups,
     )

@@ -89,7 +89,11 @@ def rollout(rt: Runtime, prompts: Batch, n: int, temperature: float | None = Non
 
 
 def score(rt: Runtime, batch: Batch) -> tuple[Batch, Metrics]:
-    """Rule rewards into ``SCORES`` (a failing reward function scores 0 and is counted)."""
+    """Sequence rewards into ``SCORES``: the reward model's when the run has one, else the rule
+    functions' (a failing reward function scores 0 and is counted). Same ``reward/...`` keys."""
+    if rt.rm is not None:
+        scores = rt.rm.compute_scores(batch)[Keys.SCORES]  # [B]
+        return batch | Batch({Keys.SCORES: scores}), model_reward_metrics(batch, scores)
     scored = rt.rewards.score(batch)
     return batch | scored, reward_metrics(scored)
 
@@ -99,6 +103,15 @@ def kl_controller(cfg: DictConfig) -> FixedKLController | None:
     if not cfg.algorithm.use_kl_in_reward:
         return None
     return make_kl_controller(KLControllerConfig(**cfg.algorithm.kl_ctrl))
+
+
+def model_reward_metrics(batch: Batch, scores: torch.Tensor) -> Metrics:
+    """The rule runner's ``reward/...`` metrics for reward-model scores [B] (a model call never fails)."""
+    as_rule = Batch({Keys.SCORES: scores, Keys.REWARD_STATUS: torch.zeros(len(batch), dtype=torch.int64)})
+    as_rule[Keys.REWARD_EXTRA] = [{} for _ in range(len(batch))]
+    if Keys.DATA_SOURCE in batch:
+        as_rule[Keys.DATA_SOURCE] = list(batch[Keys.DATA_SOURCE])
+    return reward_metrics(as_rule)
 
 
 def token_rewards(batch: Batch, kl_ctrl: FixedKLController | None, kl_estimator: str) -> tuple[torch.Tensor, Metrics]:

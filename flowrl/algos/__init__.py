@@ -7,6 +7,7 @@ kl          KL estimators and KL-coefficient controllers
 rewards     sequence scores -> token rewards (with the KL penalty)
 importance  sampler vs trainer log-probs: mismatch metrics, truncated IS
 masked      masked sum / mean / var / whiten
+preference  the Bradley–Terry pairwise loss of reward-model training
 registry    the estimator and policy-loss registries
 """
 
@@ -33,6 +34,7 @@ from .losses import (
     value_loss,
 )
 from .masked import masked_mean, masked_sum, masked_var, masked_whiten
+from .preference import bradley_terry_loss, pair_accuracy
 from .registry import (
     ESTIMATORS,
     KEY_PROVIDERS,
@@ -60,6 +62,7 @@ __all__ = [
     "PolicyLossConfig",
     "aggregate",
     "apply_kl_penalty",
+    "bradley_terry_loss",
     "broadcast_to_tokens",
     "check_estimator_inputs",
     "compute_advantages",
@@ -81,6 +84,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "pair_accuracy",
     "pg_loss",
     "ppo_clip_loss",
     "register_estimator",

@@ -27,7 +27,7 @@ def greedy_baseline(rt: Runtime, batch: Batch, n: int) -> Batch:
     """Score one greedy response per prompt; each of the prompt's n samples gets that score."""
     prompts = batch[::n].select(*_prompt_keys(batch))
     greedy = steps.rollout(rt, prompts, n=1, temperature=0.0)
-    scores = rt.rewards.score(greedy)[Keys.SCORES]  # [B / n]
+    scores = steps.score(rt, greedy)[0][Keys.SCORES]  # [B / n], by the reward model when there is one
     return Batch({Keys.BASELINE_SCORES: scores.repeat_interleave(n)})  # [B]
 
 

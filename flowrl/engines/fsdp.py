@@ -4,11 +4,19 @@ Every rank of the default process group holds one shard of each parameter
 (``fully_shard`` per decoder layer, then the root), so the data-parallel group is the
 whole world. The engine offers what the workers need and nothing about algorithms:
 
-- ``compute_logprobs`` / ``compute_values``: forward passes with micro-batching;
-- ``train_step``: one optimizer step on this rank's mini-batch with a caller's loss;
+- ``compute_logprobs`` / ``compute_values`` / ``compute_sequence_scores``: forward passes
+  with micro-batching;
+- ``train_step``: one optimizer step on this rank's mini-batch with a caller's loss (a
+  rollout batch, or a batch of preference pairs for a reward model);
 - ``state_dict_stream``: full tensors under their Hugging Face names, in buckets, for
   the rollout engine;
-- ``save`` / ``load`` (torch.distributed.checkpoint) and ``offload`` / ``onload``.
+- ``save`` / ``load`` (torch.distributed.checkpoint), ``save_hf`` (a Hugging Face folder)
+  and ``offload`` / ``onload``.
+
+A reward model is a value-head engine whose head has no bias (``head_bias=False``): its
+weights are then exactly those of ``AutoModelForSequenceClassification`` (backbone +
+``score``, Linear(hidden, 1, bias=False)), so it loads such folders and ``save_hf`` writes
+one. Its score is the head's output at the last real token of each sequence.
 
 Loss normalization. ``loss_fn`` returns a loss already divided by the *global* count
 (tokens or sequences over all ranks and micro-batches, see ``Normalizer``), so that the
@@ -19,6 +27,8 @@ gradient is that of the global mean whatever the DP size and micro-batch split.
 
 from __future__ import annotations
 
+import copy
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +39,17 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from flowrl.algos.rewards import last_token_index
 from flowrl.batch import Batch
 from flowrl.engines.distributed import init_process_group
 from flowrl.engines.optim import OptimizerConfig, build_optimizer
@@ -60,6 +76,7 @@ LossFn = Callable[[Batch, dict[str, torch.Tensor], Normalizer], tuple[torch.Tens
 class FSDPEngineConfig:
     model_path: str  # a Hugging Face folder (config, weights, tokenizer)
     value_head: bool = False  # critic: backbone + Linear(hidden, 1) on the last hidden state
+    head_bias: bool = True  # the value head's bias; False for a reward model (a sequence classifier's head)
     device: str = "cpu"  # "cpu" or "cuda"
     param_dtype: str = "float32"  # compute dtype of FSDP2's mixed precision; master weights stay fp32
     reduce_dtype: str = "float32"  # gradient reduce-scatter dtype
@@ -91,7 +108,10 @@ def load_hf_model(config: FSDPEngineConfig) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)  # weights missing from the folder (the value head) match on all ranks
         if config.value_head:
-            hf_config = AutoConfig.from_pretrained(config.model_path, num_labels=1, classifier_dropout=0.0)
+            hf_config = AutoConfig.from_pretrained(config.model_path, num_labels=1)
+            # from_pretrained drops keyword arguments the config class does not declare: set them here
+            hf_config.classifier_dropout = 0.0
+            hf_config.token_classification_bias = config.head_bias
             model = AutoModelForTokenClassification.from_pretrained(
                 config.model_path, config=hf_config, **kwargs
             )
@@ -117,6 +137,13 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, config: FSDPEngineConfig) ->
         )
     for module in [*layers, model]:
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
+
+
+def _token_count(batch: Batch) -> float:
+    """Tokens a loss may count: the response tokens, or both sequences of preference pairs."""
+    if Keys.CHOSEN_IDS in batch:
+        return float(batch[Keys.CHOSEN_MASK].sum() + batch[Keys.REJECTED_MASK].sum())
+    return float(batch[Keys.RESPONSE_MASK].sum())
 
 
 class FSDPEngine:
@@ -158,6 +185,49 @@ class FSDPEngine:
         self.model.eval()
         outs = [self._forward(mb, 1.0, False) for mb in self._micro_batches(batch, micro_batch_size)]
         return torch.cat([o[Keys.VALUES] for o in outs]).float().cpu()
+
+    @torch.no_grad()
+    def compute_sequence_scores(self, batch: Batch, micro_batch_size: int) -> torch.Tensor:
+        """The head's output at the last real token of prompt + response (a reward model's score).  -> [B]
+
+        The last real token is the response's last one up to its end (``RESPONSE_MASK``),
+        the EOS when there is one; a row with an empty response is scored at its prompt's end.
+        """
+        self._require(value_head=True, what="compute_sequence_scores")
+        self.model.eval()
+        scores = []
+        for micro in self._micro_batches(batch, micro_batch_size):
+            inputs = model_inputs(micro.to(self.device), trim=self.config.trim_padding)
+            scores.append(self._last_token_scores(inputs.input_ids, inputs.attention_mask, inputs.position_ids))
+        return torch.cat(scores).float().cpu()
+
+    @torch.no_grad()
+    def compute_pair_scores(self, pairs: Batch, micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of the chosen and the rejected sequences of preference pairs.  -> [B], [B]"""
+        self._require(value_head=True, what="compute_pair_scores")
+        self.model.eval()
+        outs = [self._pair_forward(micro.to(self.device)) for micro in self._micro_batches(pairs, micro_batch_size)]
+        chosen = torch.cat([o[Keys.CHOSEN_SCORES] for o in outs]).float().cpu()  # [B]
+        rejected = torch.cat([o[Keys.REJECTED_SCORES] for o in outs]).float().cpu()  # [B]
+        return chosen, rejected
+
+    def _pair_forward(self, micro: Batch) -> dict[str, torch.Tensor]:
+        """Chosen and rejected sequences of a micro-batch of pairs in one forward.  -> {key: [b]}"""
+        ids = torch.cat([micro[Keys.CHOSEN_IDS], micro[Keys.REJECTED_IDS]])  # [2b, L], right-padded
+        mask = torch.cat([micro[Keys.CHOSEN_MASK], micro[Keys.REJECTED_MASK]]).long()  # [2b, L]
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [2b, L]
+        chosen, rejected = self._last_token_scores(ids, mask, positions).chunk(2)  # [b], [b]
+        return {Keys.CHOSEN_SCORES: chosen, Keys.REJECTED_SCORES: rejected}
+
+    def _last_token_scores(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The value head at each row's last attended column.  [b, T] inputs -> [b] fp32"""
+        scores = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).logits[..., 0]  # [b, T]
+        last = last_token_index(attention_mask)  # [b]
+        return scores.gather(1, last[:, None]).squeeze(1).float()  # [b]
 
     def _forward(self, micro: Batch, temperature: float, with_entropy: bool) -> dict[str, torch.Tensor]:
         """Per-token outputs of one micro-batch, zero after each response's end.  -> {key: [b, R]}"""
@@ -235,20 +305,24 @@ class FSDPEngine:
 
         ``loss_fn(micro, out, norm)`` gets the micro-batch (on the engine's device), the
         forward outputs (``Keys.LOGPROBS`` [+ ``Keys.ENTROPY``] or ``Keys.VALUES``, [b, R],
-        zero after each response) and the global counts, and returns (loss already
+        zero after each response; for a batch of preference pairs ``Keys.CHOSEN_SCORES``
+        and ``Keys.REJECTED_SCORES``, [b], with ``norm.global_seqs`` the number of pairs)
+        and the global counts, and returns (loss already
         divided by a global count, metrics). Afterwards each parameter's gradient is
         the gradient of the global loss, the sum of the loss over micro-batches and
         ranks. Returns that global loss and the mean of the metrics over micro-batches.
         """
         self.model.train()
         micros = self._micro_batches(batch, micro_batch_size)
-        counts = self._all_gather_floats([float(batch[Keys.RESPONSE_MASK].sum()), float(len(batch))])
+        counts = self._all_gather_floats([_token_count(batch), float(len(batch))])
         norm = Normalizer(global_tokens=float(counts[:, 0].sum()), global_seqs=float(counts[:, 1].sum()))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         metric_sums: dict[str, torch.Tensor | float] = {}
         for micro in micros:
             micro = micro.to(self.device)
-            loss, metrics = loss_fn(micro, self._forward(micro, temperature, with_entropy), norm)
+            pairs = Keys.CHOSEN_IDS in micro
+            out = self._pair_forward(micro) if pairs else self._forward(micro, temperature, with_entropy)
+            loss, metrics = loss_fn(micro, out, norm)
             (loss * self.dp_size).backward()  # FSDP2's reduce-scatter divides by dp_size again
             loss_sum += loss.detach().double()
             for key, value in metrics.items():  # summed on the device: one sync at the end
@@ -279,18 +353,19 @@ class FSDPEngine:
         return {"grad_norm": float(grad_norm), "lr": float(lr), "skipped": float(not finite)}
 
     # ---- weights out -----------------------------------------------------------
-    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_tensors(self, with_head: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, local shard or tensor) of everything the rollout engine loads.
 
         A tied weight appears once, under its first name; a critic's value head is left
-        out. The order is the module order, which keeps each layer's tensors together.
+        out unless ``with_head``. The order is the module order, which keeps each layer's
+        tensors together.
         """
         first_names = {name for name, _ in self.model.named_parameters()}
         all_param_names = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
         for name, tensor in self.model.state_dict().items():
             if name in all_param_names and name not in first_names:
                 continue  # the second name of a tied parameter
-            if self.config.value_head and name.startswith(VALUE_HEAD_PREFIX):
+            if self.config.value_head and not with_head and name.startswith(VALUE_HEAD_PREFIX):
                 continue
             yield name, tensor
 
@@ -331,6 +406,40 @@ class FSDPEngine:
         set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         self.scheduler.load_state_dict(engine["scheduler"])
         self.global_step = int(engine["global_step"])
+
+    def save_hf(self, path: str | Path) -> None:
+        """The full weights as a Hugging Face folder (config, safetensors, tokenizer); rank 0 writes.
+
+        Collective (every rank all-gathers). The architecture written is the one whose
+        weights these are: ``*ForSequenceClassification`` for a reward model (value head
+        without bias), ``*ForTokenClassification`` for a critic, the source's for a policy,
+        so ``AutoModelFor...`` (and this engine) load the folder back as it was.
+        """
+        from safetensors.torch import save_file
+        from transformers import AutoTokenizer
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.dp_rank == 0:
+            keep = {name for name, _ in self.named_tensors(with_head=True)}
+            tensors = {k: v.contiguous() for k, v in full.items() if k in keep}  # a tied weight once
+            os.makedirs(path, exist_ok=True)
+            config = copy.deepcopy(self.model.config)
+            config.architectures = [self._hf_architecture()]
+            config.save_pretrained(path)
+            save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+            AutoTokenizer.from_pretrained(self.config.model_path).save_pretrained(path)
+        dist.barrier()
+
+    def _hf_architecture(self) -> str:
+        from transformers.models.auto import modeling_auto
+
+        model_type = self.model.config.model_type
+        if not self.config.value_head:
+            archs = self.model.config.architectures or [modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
+            return str(archs[0])
+        if self.config.head_bias:
+            return str(modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES[model_type])
+        return str(modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[model_type])
 
     def _engine_state(self) -> dict[str, Any]:
         return {"scheduler": self.scheduler.state_dict(), "global_step": self.global_step}

@@ -23,8 +23,11 @@ def device_name(cfg: DictConfig) -> str:
     return "cuda" if cfg.trainer.use_gpu else "cpu"
 
 
-def build_fsdp_engine(cfg: DictConfig, model: DictConfig, optim: DictConfig | None, value_head: bool) -> FSDPEngine:
-    """An FSDP2 engine for the policy, the reference (``optim=None``) or the critic."""
+def build_fsdp_engine(
+    cfg: DictConfig, model: DictConfig, optim: DictConfig | None, value_head: bool, head_bias: bool = True
+) -> FSDPEngine:
+    """An FSDP2 engine for the policy, the reference (``optim=None``), the critic or the
+    reward model (``value_head`` without ``head_bias``)."""
     optim_cfg = OptimizerConfig()
     if optim is not None:
         fields = OmegaConf.to_container(optim)
@@ -35,6 +38,7 @@ def build_fsdp_engine(cfg: DictConfig, model: DictConfig, optim: DictConfig | No
         FSDPEngineConfig(
             model_path=model.path,
             value_head=value_head,
+            head_bias=head_bias,
             device=device_name(cfg),
             param_dtype=model.dtype,
             gradient_checkpointing=model.gradient_checkpointing,
