@@ -4,14 +4,17 @@ Every rank of the default process group holds one shard of each parameter
 (``fully_shard`` per decoder layer, then the root), so the data-parallel group is the
 whole world. The engine offers what the workers need and nothing about algorithms:
 
-- ``compute_logprobs`` / ``compute_values``: forward passes with micro-batching;
+- ``compute_logprobs`` / ``compute_values``: forward passes with micro-batching, over
+  rollout batches (prompt + response columns) or sequence batches (``INPUT_IDS``, SFT);
 - ``train_step``: one optimizer step on this rank's mini-batch with a caller's loss;
 - ``state_dict_stream``: full tensors under their Hugging Face names, in buckets, for
   the rollout engine;
-- ``save`` / ``load`` (torch.distributed.checkpoint) and ``offload`` / ``onload``.
+- ``save`` / ``load`` (torch.distributed.checkpoint), ``save_hf`` (a Hugging Face folder)
+  and ``offload`` / ``onload``.
 
 Loss normalization. ``loss_fn`` returns a loss already divided by the *global* count
-(tokens or sequences over all ranks and micro-batches, see ``Normalizer``), so that the
+(tokens or sequences over all ranks and micro-batches, see ``Normalizer``; tokens are
+those of ``RESPONSE_MASK``, or of ``LOSS_MASK`` in a sequence batch), so that the
 sum over micro-batches and ranks is the global mean. FSDP2's reduce-scatter averages
 gradients over ranks, so each rank backpropagates ``loss * dp_size``; the resulting
 gradient is that of the global mean whatever the DP size and micro-batch split.
@@ -29,7 +32,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -48,7 +56,7 @@ VALUE_HEAD_PREFIX = "score."  # the Linear(hidden, 1) of AutoModelForTokenClassi
 class Normalizer:
     """Global counts over all ranks and micro-batches of one optimizer step."""
 
-    global_tokens: float  # sum of RESPONSE_MASK
+    global_tokens: float  # sum of RESPONSE_MASK (LOSS_MASK in a sequence batch)
     global_seqs: float  # number of sequences
 
 
@@ -119,6 +127,11 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, config: FSDPEngineConfig) ->
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
 
 
+def token_mask(batch: Batch) -> torch.Tensor:
+    """The tokens a loss counts: ``LOSS_MASK`` of a sequence batch, else ``RESPONSE_MASK``.  -> [B, T]"""
+    return batch[Keys.LOSS_MASK] if Keys.INPUT_IDS in batch else batch[Keys.RESPONSE_MASK]
+
+
 class FSDPEngine:
     """An FSDP2-sharded Hugging Face model with its AdamW optimizer and LR schedule."""
 
@@ -140,7 +153,10 @@ class FSDPEngine:
     def compute_logprobs(
         self, batch: Batch, temperature: float, micro_batch_size: int, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs (and entropies) of the response tokens under softmax(logits / T).  -> [B, R] each"""
+        """Log-probs (and entropies) of the response tokens under softmax(logits / T).  -> [B, R] each
+
+        A sequence batch (``INPUT_IDS``) gets [B, L]: column t scores token t (0 at column 0).
+        """
         self._require(value_head=False, what="compute_logprobs")
         self.model.eval()
         outs = [
@@ -161,6 +177,8 @@ class FSDPEngine:
 
     def _forward(self, micro: Batch, temperature: float, with_entropy: bool) -> dict[str, torch.Tensor]:
         """Per-token outputs of one micro-batch, zero after each response's end.  -> {key: [b, R]}"""
+        if Keys.INPUT_IDS in micro:
+            return self._forward_sequences(micro, temperature, with_entropy)
         inputs = model_inputs(micro.to(self.device), trim=self.config.trim_padding)
         keep = inputs.response_ids.shape[1]  # R'
         if self.config.value_head:
@@ -182,6 +200,57 @@ class FSDPEngine:
                 outputs[Keys.ENTROPY] = entropy_from_logits(logits, temperature)
         pad = inputs.response_width - keep
         return {k: F.pad(v * inputs.response_valid, (0, pad)) for k, v in outputs.items()}  # [b, R]
+
+    def _forward_sequences(self, micro: Batch, temperature: float, with_entropy: bool) -> dict[str, torch.Tensor]:
+        """Per-token outputs of right-padded sequences (SFT).  -> {key: [b, L]}
+
+        Column t holds the prediction of token t from tokens < t (the logits of column
+        t - 1); column 0 has none and is 0, as is every padding column. With
+        ``trim_padding`` the columns that are padding in every row are not computed.
+        """
+        self._require(value_head=False, what="forward on a sequence batch (INPUT_IDS)")
+        ids, mask = micro[Keys.INPUT_IDS], micro[Keys.ATTENTION_MASK]  # [b, L]
+        width = ids.shape[1]
+        keep = int(mask.sum(dim=1).max()) if self.config.trim_padding else width
+        ids, mask = ids[:, :keep], mask[:, :keep]  # [b, L']
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [b, L']
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, :-1]
+        targets, valid = ids[:, 1:], mask[:, 1:].to(torch.float32)  # [b, L' - 1]
+        outputs = {Keys.LOGPROBS: token_logprobs(logits, targets, temperature)}  # [b, L' - 1]
+        if with_entropy:
+            outputs[Keys.ENTROPY] = entropy_from_logits(logits, temperature)
+        return {k: F.pad(v * valid, (1, width - keep)) for k, v in outputs.items()}  # [b, L]
+
+    @torch.no_grad()
+    def generate_greedy(
+        self, prompts: Batch, max_new_tokens: int, eos_token_id: int, pad_token_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy responses of the training model to left-padded prompts.  -> ids, mask [B, N]
+
+        For evaluation and for checking exported weights, not for rollouts (vLLM does
+        those): it runs Hugging Face ``generate`` on the sharded model. Collective: ranks
+        keep stepping until every rank is done (``synced_gpus``), so they may hold
+        different prompts. ``N = max_new_tokens``; the mask is 1 up to the first EOS
+        inclusive, the ids after it are ``pad_token_id``.
+        """
+        self._require(value_head=False, what="generate_greedy")
+        self.model.eval()
+        ids = prompts[Keys.PROMPT_IDS].to(self.device)  # [B, P]
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=prompts[Keys.PROMPT_MASK].to(self.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            synced_gpus=self.dp_size > 1,
+            use_cache=True,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )[:, ids.shape[1] :].cpu()  # [B, n], n <= N
+        is_eos = (out == eos_token_id).long()  # [B, n]
+        mask = (is_eos.cumsum(dim=1) - is_eos) == 0  # [B, n]: before or at the first EOS
+        out = torch.where(mask, out, pad_token_id)
+        pad = max_new_tokens - out.shape[1]
+        return F.pad(out, (0, pad), value=pad_token_id), F.pad(mask.float(), (0, pad))
 
     def _micro_batches(self, batch: Batch, micro_batch_size: int) -> list[Batch]:
         """Split and check that every rank runs the same number of forwards (else FSDP2 would hang)."""
@@ -242,7 +311,7 @@ class FSDPEngine:
         """
         self.model.train()
         micros = self._micro_batches(batch, micro_batch_size)
-        counts = self._all_gather_floats([float(batch[Keys.RESPONSE_MASK].sum()), float(len(batch))])
+        counts = self._all_gather_floats([float(token_mask(batch).sum()), float(len(batch))])
         norm = Normalizer(global_tokens=float(counts[:, 0].sum()), global_seqs=float(counts[:, 1].sum()))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         metric_sums: dict[str, torch.Tensor | float] = {}
@@ -285,14 +354,19 @@ class FSDPEngine:
         A tied weight appears once, under its first name; a critic's value head is left
         out. The order is the module order, which keeps each layer's tensors together.
         """
-        first_names = {name for name, _ in self.model.named_parameters()}
-        all_param_names = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
+        tied = self._tied_aliases()
         for name, tensor in self.model.state_dict().items():
-            if name in all_param_names and name not in first_names:
-                continue  # the second name of a tied parameter
+            if name in tied:
+                continue
             if self.config.value_head and name.startswith(VALUE_HEAD_PREFIX):
                 continue
             yield name, tensor
+
+    def _tied_aliases(self) -> set[str]:
+        """The second (third, ...) names of tied parameters, e.g. ``lm_head.weight``."""
+        first_names = {name for name, _ in self.model.named_parameters()}
+        all_names = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
+        return all_names - first_names
 
     @torch.no_grad()
     def state_dict_stream(
@@ -331,6 +405,29 @@ class FSDPEngine:
         set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         self.scheduler.load_state_dict(engine["scheduler"])
         self.global_step = int(engine["global_step"])
+
+    def save_hf(self, path: str | Path) -> None:
+        """Write a Hugging Face folder: config, fp32 safetensors weights and the tokenizer.
+
+        Collective: every rank takes part in gathering the full state dict, which lands
+        on rank 0's CPU only (one full copy of the model); rank 0 writes the folder.
+        transformers and vLLM load it like the folder the engine started from.
+        """
+        from transformers import AutoTokenizer
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)  # {} on ranks > 0
+        for alias in self._tied_aliases():
+            state.pop(alias, None)  # stored once, as Hugging Face does; loading re-ties it
+        if self.dp_rank == 0:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            self.model.config.use_cache = True  # off while training; on for whoever loads the folder
+            try:
+                self.model.save_pretrained(path, state_dict=state)
+            finally:
+                self.model.config.use_cache = False
+            AutoTokenizer.from_pretrained(self.config.model_path).save_pretrained(path)
+        dist.barrier()  # nobody reads the folder before it is complete
 
     def _engine_state(self) -> dict[str, Any]:
         return {"scheduler": self.scheduler.state_dict(), "global_step": self.global_step}
