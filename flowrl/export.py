@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +100,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, base: str | os.PathLike, ou
             f"{checkpoint}: lacks {len(missing)} weights of the --base model (first: {missing[0]}); "
             "export with the model the run started from"
         )
-    dcp.load({MODEL_PREFIX: state}, checkpoint_id=os.fspath(checkpoint))  # fills the tensors in place
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*load in a single process.*")
+        dcp.load({MODEL_PREFIX: state}, checkpoint_id=os.fspath(checkpoint))  # fills the tensors in place
     model.load_state_dict(state, strict=False)  # the same values again, should the loader swap any tensor
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

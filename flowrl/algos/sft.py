@@ -33,7 +33,7 @@ from transformers import AutoTokenizer
 from flowrl.controller import ResourcePool, WorkerGroup, init_ray
 from flowrl.data import DataLoader
 from flowrl.data.sft import SequenceDataConfig, SFTDataset
-from flowrl.engines.fsdp import FSDPEngineConfig
+from flowrl.engines.fsdp import DTYPES, FSDPEngineConfig
 from flowrl.engines.optim import OptimizerConfig
 from flowrl.keys import Keys
 from flowrl.tracking import Tracker
@@ -86,6 +86,7 @@ class SFTConfig:
         check(bool(self.train_files), "train_files is empty: name at least one parquet/JSONL file")
         for key in ("steps", "batch_size", "micro_batch_size", "num_workers", "max_new_tokens"):
             check(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
+        check(self.dtype in DTYPES, f"dtype={self.dtype!r}: choose one of {list(DTYPES)}")
         check(
             self.batch_size % self.num_workers == 0,
             f"batch_size={self.batch_size} is not divisible by num_workers={self.num_workers}",
