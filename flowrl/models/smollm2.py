@@ -25,6 +25,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,12 +84,22 @@ def export_smollm2(out_dir: str | os.PathLike) -> Path:
     model = AutoModelForCausalLM.from_config(plain_config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
+    _check_same_logits(gguf_model, model, tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     log.info("SmolLM2 exported to %s in %.1f s", out, time.perf_counter() - start)
     return out
+
+
+@torch.no_grad()
+def _check_same_logits(reference: torch.nn.Module, rebuilt: torch.nn.Module, tokenizer: Any) -> None:
+    """The rebuilt model must compute exactly what the GGUF-loaded one does."""
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids  # [1, T]
+    diff = float((reference(input_ids=ids).logits - rebuilt(input_ids=ids).logits).abs().max())
+    if diff != 0.0:
+        raise RuntimeError(f"SmolLM2 export: the rebuilt model's logits differ by {diff:.3g} from the GGUF model's")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
