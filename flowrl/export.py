@@ -76,7 +76,9 @@ def verify_hf_folder(path: str | os.PathLike) -> FolderReport:
     )
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, base: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def export_checkpoint(
+    checkpoint: str | os.PathLike, base: str | os.PathLike, out_dir: str | os.PathLike
+) -> Path:
     """Write the policy weights of a training checkpoint as a Hugging Face folder in ``out_dir``.
 
     ``base`` is the model folder training started from: its config, generation config and

@@ -132,7 +132,7 @@ class _Run:
         self.val = SFTDataset(cfg.val_files, self.tokenizer, data_cfg) if cfg.val_files else None
         init_ray(num_gpus=cfg.num_workers if cfg.use_gpu else None)
         self.pool = ResourcePool(cfg.num_workers, use_gpu=cfg.use_gpu, num_cpus_per_bundle=1)
-        self.group = WorkerGroup(self.pool, SFTWorker)
+        self.group: Any = WorkerGroup(self.pool, SFTWorker)  # SFTWorker's methods, bound at run time
         self.tracker = Tracker(cfg.out_dir, cfg.loggers, asdict(cfg))
 
     def close(self) -> None:
@@ -208,9 +208,9 @@ def greedy_exact_match(run: _Run, n: int, samples_path: str | None) -> float:
     rows = []
     for i, ids, mask in zip(indices, out[Keys.RESPONSE_IDS], out[Keys.RESPONSE_MASK]):
         item = run.val.items[i]
-        answer = tok.decode(ids[: int(mask.sum())].tolist(), skip_special_tokens=True)
-        reference = tok.decode(item.response_ids, skip_special_tokens=True)
-        prompt = tok.decode(item.prompt_ids, skip_special_tokens=False)
+        answer = str(tok.decode(ids[: int(mask.sum())].tolist(), skip_special_tokens=True))
+        reference = str(tok.decode(item.response_ids, skip_special_tokens=True))
+        prompt = str(tok.decode(item.prompt_ids, skip_special_tokens=False))
         rows.append({"prompt": prompt, "response": answer, "reference": reference})
     if samples_path is not None:
         with open(samples_path, "w") as f:

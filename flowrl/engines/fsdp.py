@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,9 @@ from flowrl.engines.distributed import init_process_group
 from flowrl.engines.optim import OptimizerConfig, build_optimizer
 from flowrl.engines.sequences import entropy_from_logits, model_inputs, token_logprobs
 from flowrl.keys import Keys
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VALUE_HEAD_PREFIX = "score."  # the Linear(hidden, 1) of AutoModelForTokenClassification
@@ -148,6 +151,11 @@ class FSDPEngine:
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), config.optim)
         self.global_step = 0
 
+    @property
+    def hf_model(self) -> PreTrainedModel:
+        """The sharded model seen as what it also is: a Hugging Face model (generate, config, save)."""
+        return cast("PreTrainedModel", self.model)
+
     # ---- forward passes ------------------------------------------------------
     @torch.no_grad()
     def compute_logprobs(
@@ -236,7 +244,7 @@ class FSDPEngine:
         self._require(value_head=False, what="generate_greedy")
         self.model.eval()
         ids = prompts[Keys.PROMPT_IDS].to(self.device)  # [B, P]
-        out = self.model.generate(
+        out = self.hf_model.generate(
             input_ids=ids,
             attention_mask=prompts[Keys.PROMPT_MASK].to(self.device),
             max_new_tokens=max_new_tokens,
@@ -421,11 +429,11 @@ class FSDPEngine:
             state.pop(alias, None)  # stored once, as Hugging Face does; loading re-ties it
         if self.dp_rank == 0:
             Path(path).mkdir(parents=True, exist_ok=True)
-            self.model.config.use_cache = True  # off while training; on for whoever loads the folder
+            self.hf_model.config.use_cache = True  # off while training; on for whoever loads the folder
             try:
-                self.model.save_pretrained(path, state_dict=state)
+                self.hf_model.save_pretrained(path, state_dict=state)
             finally:
-                self.model.config.use_cache = False
+                self.hf_model.config.use_cache = False
             AutoTokenizer.from_pretrained(self.config.model_path).save_pretrained(path)
         dist.barrier()  # nobody reads the folder before it is complete
 

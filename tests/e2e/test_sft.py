@@ -77,9 +77,15 @@ def test_saved_folder_answers_like_the_trainer(run):
 
 def test_export_of_the_checkpoint_equals_the_saved_folder(run, capsys):
     out = run / "exported"
-    assert main(["export", str(run / "out" / "checkpoint"), "--base", str(run / "model"), "--out", str(out)]) == 0
+    assert (
+        main(["export", str(run / "out" / "checkpoint"), "--base", str(run / "model"), "--out", str(out)])
+        == 0
+    )
     assert "loads in transformers" in capsys.readouterr().out
-    exported, saved = load_file(out / "model.safetensors"), load_file(run / "out" / "model" / "model.safetensors")
+    exported, saved = (
+        load_file(out / "model.safetensors"),
+        load_file(run / "out" / "model" / "model.safetensors"),
+    )
     initial = load_file(run / "model" / "model.safetensors")
     assert exported.keys() == saved.keys()
     assert all(torch.equal(exported[k], saved[k]) for k in saved)

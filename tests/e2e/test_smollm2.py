@@ -42,18 +42,22 @@ def exported(tmp_path_factory):
 def chat_prompt_ids(tokenizer, question: str) -> list[int]:
     from flowrl.data.dataset import render_chat, tokenize_texts
 
-    return tokenize_texts(tokenizer, [render_chat(tokenizer, [{"role": "user", "content": question}], "test")])[0]
+    return tokenize_texts(
+        tokenizer, [render_chat(tokenizer, [{"role": "user", "content": question}], "test")]
+    )[0]
 
 
 def _vllm_greedy(model_dir: str, prompts: list[list[int]]) -> list[list[int]]:
+    from flowrl.batch import Batch
     from flowrl.data.padding import left_pad
     from flowrl.engines.vllm_rollout import VLLMRollout, VLLMRolloutConfig
-    from flowrl.batch import Batch
     from flowrl.keys import Keys
 
     rollout = VLLMRollout(VLLMRolloutConfig(model_path=model_dir, max_model_len=256, warmup=False))
     ids, mask = left_pad(prompts, rollout.pad_token_id)
-    out = rollout.generate(Batch({Keys.PROMPT_IDS: ids, Keys.PROMPT_MASK: mask}), temperature=0.0, max_tokens=MAX_NEW)
+    out = rollout.generate(
+        Batch({Keys.PROMPT_IDS: ids, Keys.PROMPT_MASK: mask}), temperature=0.0, max_tokens=MAX_NEW
+    )
     return [row[m.bool()].tolist() for row, m in zip(out[Keys.RESPONSE_IDS], out[Keys.RESPONSE_MASK])]
 
 

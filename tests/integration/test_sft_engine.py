@@ -96,7 +96,10 @@ def _checks(rank: int, model_path: str, hf_dir: str) -> dict:
     engine.save_hf(hf_dir)
     res["params"] = {n: p.full_tensor().clone() for n, p in engine.model.named_parameters()}
     prompts = Batch(
-        {Keys.PROMPT_IDS: torch.tensor([[PAD, 5, 6], [7, 8, 9]]), Keys.PROMPT_MASK: torch.tensor([[0, 1, 1], [1, 1, 1]])}
+        {
+            Keys.PROMPT_IDS: torch.tensor([[PAD, 5, 6], [7, 8, 9]]),
+            Keys.PROMPT_MASK: torch.tensor([[0, 1, 1], [1, 1, 1]]),
+        }
     )
     prompts = prompts[rank : rank + 1] if rank == 1 else prompts  # ranks hold different prompt counts
     res["greedy"] = engine.generate_greedy(prompts, max_new_tokens=5, eos_token_id=EOS, pad_token_id=PAD)
@@ -143,10 +146,18 @@ def test_generate_greedy_matches_transformers(results) -> None:
 
     ranks, hf_dir = results
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    cases = [([5, 6], ranks[0]["greedy"], 0), ([7, 8, 9], ranks[0]["greedy"], 1), ([7, 8, 9], ranks[1]["greedy"], 0)]
+    cases = [
+        ([5, 6], ranks[0]["greedy"], 0),
+        ([7, 8, 9], ranks[0]["greedy"], 1),
+        ([7, 8, 9], ranks[1]["greedy"], 0),
+    ]
     for prompt, (ids, mask), row in cases:
         want = model.generate(
-            input_ids=torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=EOS, pad_token_id=PAD
+            input_ids=torch.tensor([prompt]),
+            max_new_tokens=5,
+            do_sample=False,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
         )[0, len(prompt) :]
         n = int(mask[row].sum())
         assert ids[row, :n].tolist() == want[:n].tolist() and n == len(want)

@@ -26,14 +26,18 @@ def test_sft_loss_is_the_token_mean_nll_by_hand():
     assert aggregate(nll, mask, "token-mean").item() == pytest.approx(want, rel=1e-6)
     assert metrics["nll"].item() == pytest.approx(want, rel=1e-6)
     # split over two "ranks" with the global count: the parts add up to the whole
-    halves = [aggregate(*sft_loss(logprobs[i : i + 1], mask[i : i + 1])[:1], mask[i : i + 1], global_tokens=3.0)
-              for i in range(2)]
+    halves = [
+        aggregate(*sft_loss(logprobs[i : i + 1], mask[i : i + 1])[:1], mask[i : i + 1], global_tokens=3.0)
+        for i in range(2)
+    ]
     assert (halves[0] + halves[1]).item() == pytest.approx(want, rel=1e-6)
 
 
 def test_collate_prompts_left_pads_the_prompt_alone(tmp_path):
-    rows = [{"prompt": [{"role": "user", "content": "1+2"}], "response": "3"},
-            {"prompt": [{"role": "user", "content": "10+2"}], "response": "12"}]
+    rows = [
+        {"prompt": [{"role": "user", "content": "1+2"}], "response": "3"},
+        {"prompt": [{"role": "user", "content": "10+2"}], "response": "12"},
+    ]
     ds = SFTDataset(write_rows(tmp_path / "sft.jsonl", rows), make_tokenizer())
     batch = ds.collate_prompts([0, 1])
     one, two, plus, zero = (ord(c) - 30 for c in "12+0")
@@ -71,10 +75,24 @@ def test_config_errors_name_the_key(model_dir, fields, message):
 
 def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
     cases = [
-        (["sft", "--model-path", model_dir, "--train-files", str(tmp_path / "none.jsonl")],
-         f"flowrl sft: dataset file not found: {tmp_path / 'none.jsonl'}"),
-        (["sft", "--model-path", model_dir, "--train-files", "x.jsonl", "--batch-size", "3", "--num-workers", "2"],
-         "flowrl sft: batch_size=3 is not divisible by num_workers=2"),
+        (
+            ["sft", "--model-path", model_dir, "--train-files", str(tmp_path / "none.jsonl")],
+            f"flowrl sft: dataset file not found: {tmp_path / 'none.jsonl'}",
+        ),
+        (
+            [
+                "sft",
+                "--model-path",
+                model_dir,
+                "--train-files",
+                "x.jsonl",
+                "--batch-size",
+                "3",
+                "--num-workers",
+                "2",
+            ],
+            "flowrl sft: batch_size=3 is not divisible by num_workers=2",
+        ),
         (["export", str(tmp_path)], f"flowrl export: {tmp_path}: neither a Hugging Face folder"),
         (["export", model_dir, "--out", str(tmp_path / "copy")], None),
     ]
