@@ -1,10 +1,23 @@
-"""The ``flowrl`` command: ``flowrl train RECIPE.yaml [key=value ...]``."""
+"""The ``flowrl`` command.
+
+    flowrl train RECIPE.yaml [key=value ...]      RL with a recipe (flowrl/config.py)
+    flowrl sft --model-path DIR --train-files F   supervised fine-tuning (flowrl/algos/sft.py)
+    flowrl export SRC [--base DIR] [--out DIR]    a Hugging Face folder from a checkpoint
+
+Mistakes in arguments end the command with one line on stderr naming the key, file or
+value, and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import inspect
+import re
 import sys
+import typing
+from typing import Any
 
 from flowrl.config import ConfigError, load_config
 
@@ -17,27 +30,139 @@ DRIVERS = {
 }
 
 
-def train(recipe: str, overrides: list[str]) -> int:
-    cfg = load_config(recipe, overrides)
+class UsageError(ValueError):
+    """A bad argument, file or value: reported as one line, exit status 2."""
+
+
+def train(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
     name = cfg.trainer.algorithm
     if name not in DRIVERS:
-        raise ConfigError(f"trainer.algorithm={name!r}: known drivers are {', '.join(sorted(DRIVERS))}")
+        raise UsageError(f"trainer.algorithm={name!r}: known drivers are {', '.join(sorted(DRIVERS))}")
     result = importlib.import_module(DRIVERS[name]).main(cfg)
     print(" | ".join(f"{k}={v:.4g}" for k, v in result.items()))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def sft(args: argparse.Namespace) -> int:
+    from flowrl.algos.sft import SFTConfig, train_sft
+    from flowrl.data.rows import RowError
+
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig) if hasattr(args, f.name)}
+    try:
+        cfg = SFTConfig(**fields)
+    except ValueError as e:
+        raise UsageError(str(e).removeprefix("sft: ")) from None
+    try:
+        result = train_sft(cfg)
+    except (FileNotFoundError, RowError) as e:  # the data files, read before any worker starts
+        raise UsageError(str(e)) from None
+    print(" | ".join(f"{k}={v:.4g}" for k, v in result.items()))
+    print(f"model: {cfg.out_dir}/model")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from flowrl import export as ex
+
+    try:
+        if ex.is_training_checkpoint(args.src):
+            if args.base is None or args.out is None:
+                raise UsageError(
+                    f"{args.src} is a training checkpoint: give --base (the model folder the run "
+                    "started from) and --out (the folder to write)"
+                )
+            folder = ex.export_checkpoint(args.src, args.base, args.out)
+        elif ex.is_hf_folder(args.src):
+            folder = ex.copy_hf_folder(args.src, args.out) if args.out else args.src
+        else:
+            raise UsageError(
+                f"{args.src}: neither a Hugging Face folder (config.json) nor a training checkpoint "
+                f"({ex.DCP_METADATA})"
+            )
+        print(ex.verify_hf_folder(folder).line())
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
+# ---- building the parser -----------------------------------------------------------------
+def field_comments(cls: type) -> dict[str, str]:
+    """The ``# comment`` after each field of a dataclass's source: its --help text."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    pattern = re.compile(r"^\s+(\w+): [^#\n]*#\s*(.+)$", re.MULTILINE)
+    return {name: text.strip() for name, text in pattern.findall(source)}
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--field-name`` option per field; only the options given reach the dataclass.
+
+    Defaults stay in the dataclass (shown in --help); bools get ``--x/--no-x``, lists take
+    one or more values.
+    """
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = comments.get(f.name, "")
+        if not required:
+            help_text = f"{help_text} (default: {default})".strip()
+        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text, "default": argparse.SUPPRESS}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is list:
+            kwargs.update(nargs="+", type=typing.get_args(kind)[0], required=required, metavar="X")
+        else:
+            kwargs.update(type=kind, required=required, metavar=kind.__name__.upper())
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from flowrl.algos.sft import SFTConfig
+
     parser = argparse.ArgumentParser(prog="flowrl", description="Reinforcement learning for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="run a recipe: flowrl train RECIPE.yaml [key=value ...]")
     p.add_argument("recipe", help="a recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.total_steps=3")
-    args = parser.parse_args(argv)
+    p.set_defaults(run=train)
+
+    p = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning on prompt/response rows",
+        description="Fine-tune a Hugging Face causal LM on SFT rows; writes OUT_DIR/model (a Hugging Face "
+        "folder), OUT_DIR/metrics.jsonl and OUT_DIR/samples.jsonl.",
+    )
+    p.set_defaults(run=sft)
+    add_dataclass_arguments(p, SFTConfig)
+
+    p = sub.add_parser(
+        "export",
+        help="write or check a Hugging Face folder",
+        description="From a training checkpoint (with --base and --out) or a Hugging Face folder (copied "
+        "with --out): write the folder and check that transformers loads it.",
+    )
+    p.add_argument("src", help="a training checkpoint folder or a Hugging Face model folder")
+    p.add_argument("--base", help="checkpoints: the model folder training started from (config, tokenizer)")
+    p.add_argument("--out", help="the Hugging Face folder to write")
+    p.set_defaults(run=export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        return train(args.recipe, args.overrides)
-    except ConfigError as e:
-        print(f"flowrl: {e}", file=sys.stderr)
+        return int(args.run(args))
+    except UsageError as e:
+        print(f"flowrl {args.command}: {e}", file=sys.stderr)
         return 2
 
 

@@ -107,7 +107,17 @@ class Tracker:
             self._wandb.finish()
 
 
-CONSOLE_KEYS = ("reward/mean", "val/accuracy", "actor/pg_loss", "actor/ppo_kl", "actor/entropy", "timing/step")
+CONSOLE_KEYS = (
+    "reward/mean",
+    "val/accuracy",
+    "actor/pg_loss",
+    "actor/ppo_kl",
+    "actor/entropy",
+    "train/loss",  # SFT
+    "val/loss",
+    "val/exact_match",
+    "timing/step",
+)
 
 
 def format_line(row: Mapping[str, float]) -> str:

@@ -1,7 +1,7 @@
 """Pure RL algorithm functions: tensors in, tensors out; no Ray, no models, no globals.
 
 advantages  estimators ``fn(batch, cfg) -> (advantages, returns)``, registered by name
-losses      policy / value / entropy / KL loss terms -> (loss [B, R], metrics)
+losses      policy / value / entropy / KL / SFT loss terms -> (loss [B, R], metrics)
 aggregate   the one reduction of a [B, R] loss to a scalar, with global counts
 kl          KL estimators and KL-coefficient controllers
 rewards     sequence scores -> token rewards (with the KL penalty)
@@ -31,6 +31,7 @@ from .losses import (
     kl_loss,
     pg_loss,
     ppo_clip_loss,
+    sft_loss,
     value_loss,
 )
 from .masked import masked_mean, masked_sum, masked_var, masked_whiten
@@ -91,6 +92,7 @@ __all__ = [
     "register_policy_loss",
     "rloo_scores",
     "rollout_mismatch",
+    "sft_loss",
     "tis_weights",
     "token_scores",
     "value_loss",

@@ -179,3 +179,17 @@ def kl_loss(
     m = mask.to(logprobs.dtype)  # [B, R]
     kl = kl_penalty(logprobs, ref_logprobs, kind, clamp=clamp) * m  # [B, R]
     return kl, {"kl_loss": masked_mean(kl.detach(), m)}
+
+
+def sft_loss(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> LossAndMetrics:
+    """Next-token cross-entropy of supervised fine-tuning: L_t = -log pi(x_t | x_<t) where m_t = 1.
+
+    ``logprobs`` [B, L] holds log pi(x_t | x_<t) at column t (the trainer's sequence
+    forward); ``loss_mask`` [B, L] marks the target tokens (the response and its EOS).
+    ``aggregate(loss, loss_mask, "token-mean", N_tokens)`` with the global token count
+    gives the mean over every target token of the step, as in causal-LM fine-tuning
+    (Radford et al. 2018; Ouyang et al. 2022, arXiv:2203.02155, SFT stage).
+    """
+    m = loss_mask.to(logprobs.dtype)  # [B, L]
+    nll = -logprobs * m  # [B, L]
+    return nll, {"nll": masked_mean(nll.detach(), m)}

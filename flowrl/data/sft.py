@@ -22,7 +22,7 @@ import torch
 
 from flowrl.batch import Batch
 from flowrl.data.dataset import pad_token_id, render_chat, tokenize_texts
-from flowrl.data.padding import right_pad
+from flowrl.data.padding import left_pad, right_pad
 from flowrl.data.rows import Row, RowRef, check_messages, check_str, read_files, require_field
 from flowrl.keys import Keys
 
@@ -132,6 +132,11 @@ class SFTDataset:
 
     def collate(self, indices: Sequence[int]) -> Batch:
         return collate_sft([self.items[i] for i in indices], self.pad_id)
+
+    def collate_prompts(self, indices: Sequence[int]) -> Batch:
+        """The prompts alone, left-padded as for generation: PROMPT_IDS/PROMPT_MASK [B, P]."""
+        ids, mask = left_pad([self.items[i].prompt_ids for i in indices], self.pad_id)  # [B, P]
+        return Batch({Keys.PROMPT_IDS: ids, Keys.PROMPT_MASK: mask})
 
 
 def collate_sft(items: Sequence[SFTItem], pad_id: int) -> Batch:

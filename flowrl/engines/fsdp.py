@@ -5,9 +5,10 @@ Every rank of the default process group holds one shard of each parameter
 whole world. The engine offers what the workers need and nothing about algorithms:
 
 - ``compute_logprobs`` / ``compute_values`` / ``compute_sequence_scores``: forward passes
-  with micro-batching;
+  with micro-batching, over rollout batches (prompt + response columns) or sequence
+  batches (``INPUT_IDS``, SFT);
 - ``train_step``: one optimizer step on this rank's mini-batch with a caller's loss (a
-  rollout batch, or a batch of preference pairs for a reward model);
+  rollout batch, a sequence batch, or a batch of preference pairs for a reward model);
 - ``state_dict_stream``: full tensors under their Hugging Face names, in buckets, for
   the rollout engine;
 - ``save`` / ``load`` (torch.distributed.checkpoint), ``save_hf`` (a Hugging Face folder)
@@ -19,7 +20,8 @@ weights are then exactly those of ``AutoModelForSequenceClassification`` (backbo
 one. Its score is the head's output at the last real token of each sequence.
 
 Loss normalization. ``loss_fn`` returns a loss already divided by the *global* count
-(tokens or sequences over all ranks and micro-batches, see ``Normalizer``), so that the
+(tokens or sequences over all ranks and micro-batches, see ``Normalizer``; tokens are
+those of ``RESPONSE_MASK``, or of ``LOSS_MASK`` in a sequence batch), so that the
 sum over micro-batches and ranks is the global mean. FSDP2's reduce-scatter averages
 gradients over ranks, so each rank backpropagates ``loss * dp_size``; the resulting
 gradient is that of the global mean whatever the DP size and micro-batch split.
@@ -32,7 +34,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -56,6 +58,9 @@ from flowrl.engines.optim import OptimizerConfig, build_optimizer
 from flowrl.engines.sequences import entropy_from_logits, model_inputs, token_logprobs
 from flowrl.keys import Keys
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VALUE_HEAD_PREFIX = "score."  # the Linear(hidden, 1) of AutoModelForTokenClassification
 
@@ -64,7 +69,7 @@ VALUE_HEAD_PREFIX = "score."  # the Linear(hidden, 1) of AutoModelForTokenClassi
 class Normalizer:
     """Global counts over all ranks and micro-batches of one optimizer step."""
 
-    global_tokens: float  # sum of RESPONSE_MASK
+    global_tokens: float  # sum of RESPONSE_MASK (LOSS_MASK in a sequence batch)
     global_seqs: float  # number of sequences
 
 
@@ -139,11 +144,16 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, config: FSDPEngineConfig) ->
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
 
 
+def token_mask(batch: Batch) -> torch.Tensor:
+    """The tokens a loss counts: ``LOSS_MASK`` of a sequence batch, else ``RESPONSE_MASK``.  -> [B, T]"""
+    return batch[Keys.LOSS_MASK] if Keys.INPUT_IDS in batch else batch[Keys.RESPONSE_MASK]
+
+
 def _token_count(batch: Batch) -> float:
-    """Tokens a loss may count: the response tokens, or both sequences of preference pairs."""
+    """Tokens a loss may count: both sequences of preference pairs, else ``token_mask``."""
     if Keys.CHOSEN_IDS in batch:
         return float(batch[Keys.CHOSEN_MASK].sum() + batch[Keys.REJECTED_MASK].sum())
-    return float(batch[Keys.RESPONSE_MASK].sum())
+    return float(token_mask(batch).sum())
 
 
 class FSDPEngine:
@@ -162,12 +172,20 @@ class FSDPEngine:
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), config.optim)
         self.global_step = 0
 
+    @property
+    def hf_model(self) -> PreTrainedModel:
+        """The sharded model seen as what it also is: a Hugging Face model (generate, config, save)."""
+        return cast("PreTrainedModel", self.model)
+
     # ---- forward passes ------------------------------------------------------
     @torch.no_grad()
     def compute_logprobs(
         self, batch: Batch, temperature: float, micro_batch_size: int, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs (and entropies) of the response tokens under softmax(logits / T).  -> [B, R] each"""
+        """Log-probs (and entropies) of the response tokens under softmax(logits / T).  -> [B, R] each
+
+        A sequence batch (``INPUT_IDS``) gets [B, L]: column t scores token t (0 at column 0).
+        """
         self._require(value_head=False, what="compute_logprobs")
         self.model.eval()
         outs = [
@@ -231,6 +249,8 @@ class FSDPEngine:
 
     def _forward(self, micro: Batch, temperature: float, with_entropy: bool) -> dict[str, torch.Tensor]:
         """Per-token outputs of one micro-batch, zero after each response's end.  -> {key: [b, R]}"""
+        if Keys.INPUT_IDS in micro:
+            return self._forward_sequences(micro, temperature, with_entropy)
         inputs = model_inputs(micro.to(self.device), trim=self.config.trim_padding)
         keep = inputs.response_ids.shape[1]  # R'
         if self.config.value_head:
@@ -252,6 +272,57 @@ class FSDPEngine:
                 outputs[Keys.ENTROPY] = entropy_from_logits(logits, temperature)
         pad = inputs.response_width - keep
         return {k: F.pad(v * inputs.response_valid, (0, pad)) for k, v in outputs.items()}  # [b, R]
+
+    def _forward_sequences(self, micro: Batch, temperature: float, with_entropy: bool) -> dict[str, torch.Tensor]:
+        """Per-token outputs of right-padded sequences (SFT).  -> {key: [b, L]}
+
+        Column t holds the prediction of token t from tokens < t (the logits of column
+        t - 1); column 0 has none and is 0, as is every padding column. With
+        ``trim_padding`` the columns that are padding in every row are not computed.
+        """
+        self._require(value_head=False, what="forward on a sequence batch (INPUT_IDS)")
+        ids, mask = micro[Keys.INPUT_IDS], micro[Keys.ATTENTION_MASK]  # [b, L]
+        width = ids.shape[1]
+        keep = int(mask.sum(dim=1).max()) if self.config.trim_padding else width
+        ids, mask = ids[:, :keep], mask[:, :keep]  # [b, L']
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [b, L']
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, :-1]
+        targets, valid = ids[:, 1:], mask[:, 1:].to(torch.float32)  # [b, L' - 1]
+        outputs = {Keys.LOGPROBS: token_logprobs(logits, targets, temperature)}  # [b, L' - 1]
+        if with_entropy:
+            outputs[Keys.ENTROPY] = entropy_from_logits(logits, temperature)
+        return {k: F.pad(v * valid, (1, width - keep)) for k, v in outputs.items()}  # [b, L]
+
+    @torch.no_grad()
+    def generate_greedy(
+        self, prompts: Batch, max_new_tokens: int, eos_token_id: int, pad_token_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy responses of the training model to left-padded prompts.  -> ids, mask [B, N]
+
+        For evaluation and for checking exported weights, not for rollouts (vLLM does
+        those): it runs Hugging Face ``generate`` on the sharded model. Collective: ranks
+        keep stepping until every rank is done (``synced_gpus``), so they may hold
+        different prompts. ``N = max_new_tokens``; the mask is 1 up to the first EOS
+        inclusive, the ids after it are ``pad_token_id``.
+        """
+        self._require(value_head=False, what="generate_greedy")
+        self.model.eval()
+        ids = prompts[Keys.PROMPT_IDS].to(self.device)  # [B, P]
+        out = self.hf_model.generate(
+            input_ids=ids,
+            attention_mask=prompts[Keys.PROMPT_MASK].to(self.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            synced_gpus=self.dp_size > 1,
+            use_cache=True,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )[:, ids.shape[1] :].cpu()  # [B, n], n <= N
+        is_eos = (out == eos_token_id).long()  # [B, n]
+        mask = (is_eos.cumsum(dim=1) - is_eos) == 0  # [B, n]: before or at the first EOS
+        out = torch.where(mask, out, pad_token_id)
+        pad = max_new_tokens - out.shape[1]
+        return F.pad(out, (0, pad), value=pad_token_id), F.pad(mask.float(), (0, pad))
 
     def _micro_batches(self, batch: Batch, micro_batch_size: int) -> list[Batch]:
         """Split and check that every rank runs the same number of forwards (else FSDP2 would hang)."""
@@ -360,14 +431,19 @@ class FSDPEngine:
         out unless ``with_head``. The order is the module order, which keeps each layer's
         tensors together.
         """
-        first_names = {name for name, _ in self.model.named_parameters()}
-        all_param_names = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
+        tied = self._tied_aliases()
         for name, tensor in self.model.state_dict().items():
-            if name in all_param_names and name not in first_names:
+            if name in tied:
                 continue  # the second name of a tied parameter
             if self.config.value_head and not with_head and name.startswith(VALUE_HEAD_PREFIX):
                 continue
             yield name, tensor
+
+    def _tied_aliases(self) -> set[str]:
+        """The second (third, ...) names of tied parameters, e.g. ``lm_head.weight``."""
+        first_names = {name for name, _ in self.model.named_parameters()}
+        all_names = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
+        return all_names - first_names
 
     @torch.no_grad()
     def state_dict_stream(
@@ -425,6 +501,7 @@ class FSDPEngine:
             os.makedirs(path, exist_ok=True)
             config = copy.deepcopy(self.model.config)
             config.architectures = [self._hf_architecture()]
+            config.use_cache = True  # off while training; on for whoever loads the folder
             config.save_pretrained(path)
             save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
             AutoTokenizer.from_pretrained(self.config.model_path).save_pretrained(path)

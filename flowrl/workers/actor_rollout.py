@@ -118,6 +118,11 @@ class ActorRollout(Worker):
         self.trainer.save(path)
 
     @register(Dispatch.ONE_TO_ALL)
+    def save_hf(self, path: str) -> None:
+        """The current policy as a Hugging Face folder (weights, config, tokenizer) for transformers and vLLM."""
+        self.trainer.save_hf(path)
+
+    @register(Dispatch.ONE_TO_ALL)
     def load(self, path: str) -> None:
         self.trainer.load(path)
         self.sync_weights()

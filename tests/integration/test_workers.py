@@ -114,3 +114,20 @@ def test_ppo_step_through_the_workers(groups):
     assert delta.item() < 1e-3
     # the reference did not move
     assert torch.equal(ref.compute_ref_logprobs(batch)[Keys.REF_LOGPROBS], batch[Keys.REF_LOGPROBS])
+
+
+def test_save_hf_folder_answers_like_the_actor(groups, tmp_path):
+    """The exported folder, loaded by transformers, gives vLLM's greedy answers (synced weights)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    actor = groups["actor"]
+    actor.save_hf(str(tmp_path / "hf"))
+    greedy = actor.generate(prompts_batch(), n=1, temperature=0.0)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.chat_template and tok.eos_token_id == make_tokenizer().eos_token_id
+    for i, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([tok(prompt)["input_ids"]])  # [1, p]
+        out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        n = int(greedy[Keys.RESPONSE_MASK][i].sum())
+        assert out[0, ids.shape[1] : ids.shape[1] + n].tolist() == greedy[Keys.RESPONSE_IDS][i, :n].tolist()
