@@ -11,6 +11,7 @@ value, and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import importlib
 import inspect
@@ -62,6 +63,22 @@ def sft(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     print(" | ".join(f"{k}={v:.4g}" for k, v in result.items()))
     print(f"model: {cfg.out_dir}/model")
+    return 0
+
+
+def rm(args: argparse.Namespace) -> int:
+    from flowrl.algos.reward_model import train_reward_model
+    from flowrl.data.rows import RowError
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
+    if not os.path.isdir(args.model_path):
+        raise UsageError(f"--model-path {args.model_path}: no such folder (a Hugging Face model folder)")
+    try:
+        result = train_reward_model(**given)
+    except (ValueError, FileNotFoundError, RowError) as e:
+        raise UsageError(str(e)) from None
+    print(" | ".join(f"{k}={v:.4g}" for k, v in result.items()))
+    print(f"reward model: {args.out_dir}")
     return 0
 
 
@@ -143,6 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=sft)
     add_dataclass_arguments(p, SFTConfig)
+
+    p = sub.add_parser(
+        "rm",
+        help="train a reward model on preference pairs (Bradley-Terry)",
+        description="Train a scalar-head reward model on rows with prompt, chosen and rejected; writes "
+        "OUT_DIR (a Hugging Face sequence-classification folder) and its metrics.jsonl.",
+    )
+    p.add_argument("--model-path", dest="model_path", required=True, help="the model folder to start from")
+    p.add_argument("--train-files", dest="train_files", nargs="+", required=True, metavar="X")
+    p.add_argument("--val-files", dest="val_files", nargs="+", default=[], metavar="X")
+    p.add_argument("--out-dir", dest="out_dir", required=True)
+    for name, kind in (("steps", int), ("batch_size", int), ("lr", float), ("num_workers", int), ("seed", int)):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=argparse.SUPPRESS,
+                       help="(default: see flowrl/algos/reward_model.py)")
+    p.set_defaults(run=rm)
 
     p = sub.add_parser(
         "export",
