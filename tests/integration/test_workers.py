@@ -1,7 +1,7 @@
 """The hybrid workers on real Ray, real FSDP2 (2 ranks, gloo) and real vLLM on CPU.
 
 One colocated group (actor-rollout + reference + critic in each of 2 processes) runs the
-calls of a PPO step; the checks are those of DESIGN.md §4 that need the whole stack.
+calls of a PPO step; the checks are the correctness rules that need the whole stack.
 """
 
 import pytest
