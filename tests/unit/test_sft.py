@@ -93,9 +93,23 @@ def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
             ],
             "flowrl sft: batch_size=3 is not divisible by num_workers=2",
         ),
+        (
+            [
+                "sft",
+                "--model-path",
+                model_dir,
+                "--train-files",
+                str(tmp_path / "two.jsonl"),
+                "--batch-size",
+                "4",
+            ],
+            "flowrl sft: PromptSampler: the dataset has 2 rows, fewer than batch_size=4",
+        ),
         (["export", str(tmp_path)], f"flowrl export: {tmp_path}: neither a Hugging Face folder"),
         (["export", model_dir, "--out", str(tmp_path / "copy")], None),
     ]
+    rows = [{"prompt": [{"role": "user", "content": "1+1"}], "response": "2"}] * 2
+    write_rows(tmp_path / "two.jsonl", rows)
     for argv, message in cases:
         code = main(argv)
         err = capsys.readouterr().err.strip().splitlines()
