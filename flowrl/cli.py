@@ -49,8 +49,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def sft(args: argparse.Namespace) -> int:
-    from flowrl.algos.sft import SFTConfig, train_sft
-    from flowrl.data.rows import RowError
+    from flowrl.algos.sft import SFTConfig, SFTDataError, train_sft
 
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig) if hasattr(args, f.name)}
     try:
@@ -59,7 +58,7 @@ def sft(args: argparse.Namespace) -> int:
         raise UsageError(str(e).removeprefix("sft: ")) from None
     try:
         result = train_sft(cfg)
-    except (FileNotFoundError, RowError) as e:  # the data files, read before any worker starts
+    except SFTDataError as e:  # the data files, read before any worker starts
         raise UsageError(str(e)) from None
     print(" | ".join(f"{k}={v:.4g}" for k, v in result.items()))
     print(f"model: {cfg.out_dir}/model")

@@ -120,6 +120,10 @@ class SFTConfig:
         )
 
 
+class SFTDataError(ValueError):
+    """The data cannot be used: a file is missing or malformed, or has too few rows."""
+
+
 class _Run:
     """The pieces of one run: the worker group, the data, the tracker."""
 
@@ -127,9 +131,12 @@ class _Run:
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
         data_cfg = cfg.data_config()
-        train = SFTDataset(cfg.train_files, self.tokenizer, data_cfg)
-        self.train = DataLoader(train, cfg.batch_size, cfg.seed, cfg.shuffle)
-        self.val = SFTDataset(cfg.val_files, self.tokenizer, data_cfg) if cfg.val_files else None
+        try:  # before any worker starts
+            train = SFTDataset(cfg.train_files, self.tokenizer, data_cfg)
+            self.train = DataLoader(train, cfg.batch_size, cfg.seed, cfg.shuffle)
+            self.val = SFTDataset(cfg.val_files, self.tokenizer, data_cfg) if cfg.val_files else None
+        except (FileNotFoundError, ValueError) as e:
+            raise SFTDataError(str(e)) from e
         init_ray(num_gpus=cfg.num_workers if cfg.use_gpu else None)
         self.pool = ResourcePool(cfg.num_workers, use_gpu=cfg.use_gpu, num_cpus_per_bundle=1)
         self.group: Any = WorkerGroup(self.pool, SFTWorker)  # SFTWorker's methods, bound at run time

