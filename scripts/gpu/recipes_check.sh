@@ -24,3 +24,12 @@ for algo in ppo grpo remax rloo reinforce_pp; do
     trainer.total_steps="$steps" trainer.run_dir="$out/$algo" 2>&1 | grep -v " INFO \| WARNING " > "$out/$algo.log"
   echo "$algo: $(tail -1 "$out/$algo.log")"
 done
+python3 - "$out" <<'PY'
+import json, sys
+for algo in ("ppo", "grpo", "remax", "rloo", "reinforce_pp"):
+    rows = [json.loads(l) for l in open(f"{sys.argv[1]}/{algo}/metrics.jsonl")]
+    steps = [r for r in rows if "actor/grad_norm" in r]
+    keys = ("actor/first_ppo_kl", "rollout/logprob_diff_mean", "rollout/logprob_diff_max", "critic/grad_norm",
+            "kl_reward/kl", "perf/weight_sync_s", "timing/step")
+    print(algo, len(steps), "steps;", {k: round(steps[-1][k], 6) for k in keys if k in steps[-1]})
+PY
