@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DATA_SOURCE = "flowrl/arithmetic"
 INSTRUCTION = "Answer with just the number."
+STYLES = ("words", "symbols")  # the prompt: "What is 37 + 48? Answer with ..." or "37+48="
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,14 @@ class Problem:
     @property
     def question(self) -> str:
         return f"What is {self.expression}? {INSTRUCTION}"
+
+    def prompt(self, style: str = "words") -> str:
+        """The user message: ``words`` is :attr:`question`; ``symbols`` is ``37+48=``."""
+        if style == "words":
+            return self.question
+        if style == "symbols":
+            return self.expression.replace(" ", "") + "="
+        raise ValueError(f"arithmetic: style={style!r}; choose one of {list(STYLES)}")
 
 
 def evaluate(operands: Sequence[int], operators: Sequence[str]) -> int:
@@ -143,9 +152,9 @@ def make_splits(n_train: int, n_test: int, level: int, seed: int) -> tuple[list[
     return sample_problems(spec, n_train, train_rng, frozenset(test), unique), test
 
 
-def rl_row(p: Problem, level: int, split: str, index: int) -> dict[str, Any]:
+def rl_row(p: Problem, level: int, split: str, index: int, style: str = "words") -> dict[str, Any]:
     return {
-        "prompt": [{"role": "user", "content": p.question}],
+        "prompt": [{"role": "user", "content": p.prompt(style)}],
         "data_source": DATA_SOURCE,
         "reward_model": {"style": "rule", "ground_truth": str(p.answer)},
         "extra_info": {
@@ -158,9 +167,16 @@ def rl_row(p: Problem, level: int, split: str, index: int) -> dict[str, Any]:
     }
 
 
-def sft_row(p: Problem, level: int, split: str, index: int) -> dict[str, Any]:
-    """An RL row plus ``response``: the correct answer."""
-    return {**rl_row(p, level, split, index), "response": str(p.answer)}
+def sft_row(
+    p: Problem, level: int, split: str, index: int, style: str = "words", restate: bool = False
+) -> dict[str, Any]:
+    """An RL row plus ``response``: the correct answer, or with ``restate`` the whole
+    equation (``37 + 48 = 85``), which the scorer counts as wrong: its first number is not
+    the answer, and the prompt asks for just the number."""
+    response = f"{p.expression} = {p.answer}" if restate else str(p.answer)
+    if restate and style == "symbols":
+        response = response.replace(" ", "")
+    return {**rl_row(p, level, split, index, style), "response": response}
 
 
 def wrong_answer(answer: int, rng: random.Random) -> int:
@@ -168,9 +184,11 @@ def wrong_answer(answer: int, rng: random.Random) -> int:
     return answer + rng.choice([-1, 1]) * rng.randint(1, 9)
 
 
-def pair_row(p: Problem, level: int, split: str, index: int, rng: random.Random) -> dict[str, Any]:
+def pair_row(
+    p: Problem, level: int, split: str, index: int, rng: random.Random, style: str = "words"
+) -> dict[str, Any]:
     """A preference pair: the correct answer chosen, a wrong one rejected."""
-    row = rl_row(p, level, split, index)
+    row = rl_row(p, level, split, index, style)
     return {**row, "chosen": str(p.answer), "rejected": str(wrong_answer(p.answer, rng))}
 
 
@@ -181,20 +199,35 @@ def write_splits(
     level: int = 1,
     seed: int = 0,
     fmt: str = "parquet",
+    style: str = "words",
+    restate_fraction: float = 0.0,
 ) -> dict[str, str]:
-    """Write RL, SFT and preference splits; returns {"train", "test", "sft_train", ...} -> path."""
+    """Write RL, SFT and preference splits; returns {"train", "test", "sft_train", ...} -> path.
+
+    ``restate_fraction`` of the SFT *train* responses restate the equation before the
+    answer (``37+48=85``): demonstrations of mixed quality, as SFT data often is. A model
+    fine-tuned on them can add but often answers in the wrong format; RL on the scorer
+    fixes that (the main job, ``flowrl.main``). Test SFT rows always hold the bare answer.
+    """
     from flowrl.data.rows import write_rows
 
     if fmt not in ("parquet", "jsonl"):
         raise ValueError(f"arithmetic: fmt={fmt!r}; use 'parquet' or 'jsonl'")
+    if style not in STYLES:
+        raise ValueError(f"arithmetic: style={style!r}; choose one of {list(STYLES)}")
+    if not 0.0 <= restate_fraction <= 1.0:
+        raise ValueError(f"arithmetic: restate_fraction={restate_fraction} must be in [0, 1]")
     splits = dict(zip(("train", "test"), make_splits(n_train, n_test, level, seed)))
     paths = {}
     for split, problems in splits.items():
         rng = random.Random(f"{DATA_SOURCE}/{seed}/{split}/rejected")
+        restate_rng = random.Random(f"{DATA_SOURCE}/{seed}/{split}/restate")
+        fraction = restate_fraction if split == "train" else 0.0
+        restate = [restate_rng.random() < fraction for _ in problems]
         kinds = {
-            split: [rl_row(p, level, split, i) for i, p in enumerate(problems)],
-            f"sft_{split}": [sft_row(p, level, split, i) for i, p in enumerate(problems)],
-            f"pairs_{split}": [pair_row(p, level, split, i, rng) for i, p in enumerate(problems)],
+            split: [rl_row(p, level, split, i, style) for i, p in enumerate(problems)],
+            f"sft_{split}": [sft_row(p, level, split, i, style, r) for i, (p, r) in enumerate(zip(problems, restate))],
+            f"pairs_{split}": [pair_row(p, level, split, i, rng, style) for i, p in enumerate(problems)],
         }
         for name, rows in kinds.items():
             paths[name] = write_rows(os.path.join(os.fspath(out_dir), f"{name}.{fmt}"), rows)
@@ -231,8 +264,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--level", type=int, default=1, choices=sorted(LEVELS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", default="parquet", choices=["parquet", "jsonl"])
+    parser.add_argument("--style", default="words", choices=STYLES, help="words: 'What is 3 + 4? ...'; symbols: '3+4='")
+    parser.add_argument("--restate-fraction", type=float, default=0.0, help="SFT train responses that restate the equation")
     args = parser.parse_args(argv)
-    paths = write_splits(args.out_dir, args.n_train, args.n_test, args.level, args.seed, args.format)
+    paths = write_splits(
+        args.out_dir, args.n_train, args.n_test, args.level, args.seed, args.format, args.style, args.restate_fraction
+    )
     for name, path in paths.items():
         print(f"{name}: {path}")
 
