@@ -124,6 +124,20 @@ class TrainerConfig:
 
 
 @dataclass
+class PlacementConfig:
+    """Where the workers run: machines, which roles share the actor's devices (docs/scaling.md)."""
+
+    ray_address: str | None = None  # None: start a local Ray cluster; "auto": join the one `ray start` made
+    nnodes: int = 1  # machines the actor's workers span: trainer.num_workers / nnodes on each
+    separate: list[str] = field(default_factory=list)  # roles on their own workers: critic, reward_model
+    separate_workers: int = 1  # workers (one GPU each on GPU) for each role in `separate`
+    cpus_per_worker: float = 1.0  # CPUs reserved per worker (per GPU on GPU)
+
+
+SEPARABLE_ROLES = ("critic", "reward_model")
+
+
+@dataclass
 class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -134,6 +148,7 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)  # rule rewards
     reward_model: ModelConfig | None = None  # a learned reward model (sequence classifier) instead
+    placement: PlacementConfig = field(default_factory=PlacementConfig)  # machines and devices per role
 
 
 def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
@@ -237,6 +252,49 @@ def validate(cfg: Any, where: str = "config") -> None:
         "(or leave reward_model out to score with the rule rewards)",
     )
     _check_estimator(cfg, where)
+    _check_placement(cfg, where)
+
+
+def _check_placement(cfg: Any, where: str) -> None:
+    """Workers split evenly over machines, tensor-parallel replicas inside one machine."""
+    p, n, tp = cfg.placement, cfg.trainer.num_workers, cfg.rollout.tensor_parallel_size
+    _check(
+        p.nnodes >= 1 and n % p.nnodes == 0,
+        where,
+        f"trainer.num_workers={n} is not divisible by placement.nnodes={p.nnodes}",
+    )
+    _check(
+        tp >= 1 and (n // p.nnodes) % tp == 0,
+        where,
+        f"rollout.tensor_parallel_size={tp} must divide the workers per node (trainer.num_workers / "
+        f"placement.nnodes = {n // p.nnodes}): the ranks of a rollout replica stay on one machine",
+    )
+    for role in p.separate:
+        _check(
+            role in SEPARABLE_ROLES,
+            where,
+            f"placement.separate lists {role!r}; roles that can have their own workers: "
+            f"{', '.join(SEPARABLE_ROLES)}",
+        )
+    _check(len(set(p.separate)) == len(p.separate), where, f"placement.separate={list(p.separate)} repeats a role")
+    _check(
+        "critic" not in p.separate or cfg.critic.enable,
+        where,
+        "placement.separate lists critic but critic.enable=false",
+    )
+    _check(
+        "reward_model" not in p.separate or cfg.reward_model is not None,
+        where,
+        "placement.separate lists reward_model but no reward_model is configured",
+    )
+    m, mini, micro = p.separate_workers, cfg.actor.mini_batch_size, cfg.critic.micro_batch_size
+    _check(m >= 1, where, f"placement.separate_workers={m} must be >= 1")
+    _check(
+        "critic" not in p.separate or (mini % m == 0 and (mini // m) % micro == 0),
+        where,
+        f"a separate critic on placement.separate_workers={m} gets actor.mini_batch_size={mini} / {m} "
+        f"responses per rank, which must be a whole multiple of critic.micro_batch_size={micro}",
+    )
 
 
 def _check_estimator(cfg: Any, where: str) -> None:

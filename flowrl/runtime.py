@@ -14,8 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
 from flowrl.batch import Batch
-from flowrl.controller import ResourcePool, WorkerGroup, init_ray
+from flowrl.controller import WorkerGroup
 from flowrl.data import DataLoader, PromptDataset
+from flowrl.placement import connect_ray, place_workers, shutdown_groups
 from flowrl.rewards import RewardRunner
 from flowrl.tracking import Tracker
 from flowrl.workers.actor_rollout import ActorRollout
@@ -48,8 +49,7 @@ class Runtime:
     def shutdown(self) -> None:
         self.rewards.close()
         self.tracker.close()
-        self.actor.shutdown()  # every colocated role lives in these processes
-        self.actor.pool.shutdown()
+        shutdown_groups(self.groups)  # the actor's processes (and every colocated role), separate roles'
 
 
 def needs_reference(cfg: DictConfig) -> bool:
@@ -62,7 +62,7 @@ def build_runtime(cfg: DictConfig) -> Runtime:
     The rule-reward runner is opened even with a reward model: validation accuracy is
     always measured by the rules (the ground truth), training rewards by the model."""
     t = cfg.trainer
-    init_ray(num_gpus=t.num_workers if t.use_gpu else None)
+    connect_ray(cfg)  # a local cluster, or the one placement.ray_address names
     roles: dict[str, Any] = {"actor": ActorRollout}
     if needs_reference(cfg):
         roles["ref"] = Reference
@@ -70,8 +70,7 @@ def build_runtime(cfg: DictConfig) -> Runtime:
         roles["critic"] = Critic
     if cfg.reward_model is not None:
         roles["rm"] = RewardModel
-    pool = ResourcePool(t.num_workers, use_gpu=t.use_gpu, num_cpus_per_bundle=1)
-    groups = WorkerGroup.colocated(pool, roles)
+    groups = place_workers(cfg, roles)  # colocated with the actor unless placement.separate says not
     config = OmegaConf.to_container(cfg, resolve=True)
     for group in groups.values():
         group.init_model(config)

@@ -31,6 +31,7 @@ class Dispatch(StrEnum):
     ALL_TO_ALL = "ALL_TO_ALL"  # each argument is a list, element i to rank i; list of results
     RANK_ZERO = "RANK_ZERO"  # only rank 0 runs; its result
     DP_COMPUTE = "DP_COMPUTE"  # Batches split over DP shards; Batch results concatenated
+    DP_ALL_RANKS = "DP_ALL_RANKS"  # as DP_COMPUTE, but every rank its own shard (dispatch_info ignored)
 
 
 class Execute(StrEnum):
@@ -279,7 +280,20 @@ def _split_all(dp: DPLayout, values: dict[Any, Any]) -> tuple[dict[Any, _Split],
 
 
 def dispatch_dp_compute(layout: Layout, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
-    dp = layout.dp
+    return _dispatch_dp(layout.dp, args, kwargs)
+
+
+def dispatch_dp_all_ranks(layout: Layout, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
+    """DP_COMPUTE over every rank, whatever ``dispatch_info`` says.
+
+    For a hybrid worker whose trainer shards data over all N ranks while its rollout
+    engine forms tensor-parallel replicas (``dispatch_info`` describes those): training
+    methods use this mode, ``generate`` uses DP_COMPUTE.
+    """
+    return _dispatch_dp(DPLayout.plain(layout.world_size), args, kwargs)
+
+
+def _dispatch_dp(dp: DPLayout, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
     values: dict[Any, Any] = {**dict(enumerate(args)), **kwargs}
     splits, plain = _split_all(dp, values)
     calls: dict[int, Call] = {}
@@ -312,6 +326,7 @@ register_dispatch_mode(Dispatch.ONE_TO_ALL, dispatch_one_to_all, collect_list)
 register_dispatch_mode(Dispatch.ALL_TO_ALL, dispatch_all_to_all, collect_list)
 register_dispatch_mode(Dispatch.RANK_ZERO, dispatch_rank_zero, collect_rank_zero)
 register_dispatch_mode(Dispatch.DP_COMPUTE, dispatch_dp_compute, collect_dp_compute, takes_futures=True)
+register_dispatch_mode(Dispatch.DP_ALL_RANKS, dispatch_dp_all_ranks, collect_dp_compute, takes_futures=True)
 
 
 def as_dispatch_info(value: Any, where: str) -> DispatchInfo:

@@ -18,6 +18,12 @@ class ResourcePool:
     ``1 / max_colocate_count`` of its bundle. Several roles in *one* process need no
     colocate count: use ``WorkerGroup.colocated``.
 
+    With ``nnodes > 1`` the bundles are spread over that many Ray nodes, ``num_bundles /
+    nnodes`` on each, in rank order: bundles ``[0, k)`` on the first node (the driver's,
+    when it fits), ``[k, 2k)`` on the next, ... so ranks that form a tensor-parallel group
+    stay on one machine. Each bundle is pinned to its node with a label selector on
+    ``ray.io/node-id``; ``node_ids`` says which node holds each bundle.
+
     Asking for more than the cluster has fails at once; asking for more than is free now
     fails after ``ready_timeout_s`` with the figures.
     """
@@ -31,20 +37,25 @@ class ResourcePool:
         max_colocate_count: int = 1,
         strategy: str = "PACK",
         ready_timeout_s: float = 30.0,
+        nnodes: int = 1,
     ) -> None:
         if num_bundles < 1 or max_colocate_count < 1:
             raise ValueError(
                 f"ResourcePool: num_bundles={num_bundles} and "
                 f"max_colocate_count={max_colocate_count} must be >= 1"
             )
+        if nnodes < 1 or num_bundles % nnodes != 0:
+            raise ValueError(f"ResourcePool: num_bundles={num_bundles} must split evenly over nnodes={nnodes}")
         if not ray.is_initialized():
             raise RuntimeError("ResourcePool: Ray is not running; call flowrl.controller.init_ray() first")
         self.num_bundles = num_bundles
         self.use_gpu = use_gpu
         self.num_cpus_per_bundle = num_cpus_per_bundle
         self.max_colocate_count = max_colocate_count
+        self.nnodes = nnodes
         self._groups = 0
         self._check_cluster()
+        self.node_ids: list[str] | None = self._pick_nodes() if nnodes > 1 else None
         self.placement_group = self._reserve(strategy, ready_timeout_s)
 
     @property
@@ -85,8 +96,29 @@ class ResourcePool:
                 "num_cpus_per_bundle, or start Ray with more resources (init_ray(num_cpus=..., num_gpus=...))"
             )
 
+    def _pick_nodes(self) -> list[str]:
+        """The node of each bundle: ``nnodes`` alive nodes that each fit their share, driver's first."""
+        per_node = self.num_bundles // self.nnodes
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        fits = [n for n in alive if all(n["Resources"].get(k, 0.0) >= v * per_node for k, v in self.bundle.items())]
+        driver = ray.get_runtime_context().get_node_id()
+        fits.sort(key=lambda n: (n["NodeID"] != driver, n["NodeManagerAddress"], n["NodeID"]))
+        if len(fits) < self.nnodes:
+            have = [{k: n["Resources"].get(k, 0.0) for k in self.bundle} for n in alive]
+            raise RuntimeError(
+                f"ResourcePool: {self.nnodes} nodes with {per_node} bundles of {self.bundle} each are needed, "
+                f"but only {len(fits)} of the {len(alive)} alive nodes have room (per node: {have}). "
+                "Start Ray on more machines (docs/scaling.md) or lower placement.nnodes"
+            )
+        chosen = [n["NodeID"] for n in fits[: self.nnodes]]
+        return [chosen[i // per_node] for i in range(self.num_bundles)]
+
     def _reserve(self, strategy: str, timeout_s: float) -> PlacementGroup:
-        pg = placement_group([self.bundle] * self.num_bundles, strategy=strategy)
+        if self.node_ids is None:
+            pg = placement_group([self.bundle] * self.num_bundles, strategy=strategy)
+        else:
+            selectors = [{"ray.io/node-id": node} for node in self.node_ids]
+            pg = placement_group([self.bundle] * self.num_bundles, strategy=strategy, bundle_label_selector=selectors)
         ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
         if not ready:
             remove_placement_group(pg)
@@ -128,4 +160,4 @@ class ResourcePool:
         remove_placement_group(self.placement_group)
 
     def __repr__(self) -> str:
-        return f"ResourcePool({self._asked()}, max_colocate_count={self.max_colocate_count})"
+        return f"ResourcePool({self._asked()}, max_colocate_count={self.max_colocate_count}, nnodes={self.nnodes})"

@@ -14,6 +14,15 @@ logprobs_mode=...)``, ``collective_rpc("reload_weights", kwargs={"weights_iterat
 
 Creating the engine has side effects that this module undoes for the caller: vLLM's CPU
 worker replaces ``torch.set_num_threads`` with a no-op and seeds the global RNGs.
+
+Tensor parallelism (``tensor_parallel_size=T > 1``): vLLM's external launcher builds its
+tensor-parallel groups from the torch world as consecutive blocks of T ranks (ranks
+``[0, T)``, ``[T, 2T)``, ...; its rank layout is external DP x DP x PP x TP), so a world of
+N ranks holds N/T independent replicas. Each rank of a replica runs its own scheduler and
+they stay in step only if they see the same requests and draw the same samples: the
+caller sends every rank of a replica the same prompts (``replica_info``), and each
+``generate`` seeds the sampler from (seed, call count), the same on every rank of the
+replica, then gives the caller its RNG state back.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import os
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -45,7 +54,8 @@ class VLLMRolloutConfig:
     gpu_memory_utilization: float = 0.5  # on CPU: fraction of RAM vLLM may reserve
     enforce_eager: bool = True
     seed: int = 0
-    tensor_parallel_size: int = 1  # > 1 only on GPU, inside a world of tp * n_engines ranks
+    tensor_parallel_size: int = 1  # T: inside a world of N ranks, N/T replicas of T consecutive ranks
+    disable_custom_all_reduce: bool = True  # GPU, T > 1: each Ray worker sees one GPU, so NCCL all-reduces
     enable_sleep_mode: bool = True  # honoured on GPU only (CPU has no sleep mode)
     max_num_seqs: int = 256
     enable_prefix_caching: bool = True
@@ -56,6 +66,27 @@ class VLLMRolloutConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"VLLMRolloutConfig.dtype={self.dtype!r}: choose one of {list(DTYPES)}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"VLLMRolloutConfig.tensor_parallel_size={self.tensor_parallel_size} must be >= 1")
+
+
+class ReplicaInfo(NamedTuple):
+    """Where a rank sits among the rollout replicas of a world (vLLM's external-launcher layout)."""
+
+    replica: int  # which replica: rank // T
+    num_replicas: int  # world_size // T
+    tp_rank: int  # rank within the replica: rank % T
+
+
+def replica_info(rank: int, world_size: int, tensor_parallel_size: int) -> ReplicaInfo:
+    """The replica of ``rank`` when vLLM forms tensor-parallel groups of T consecutive ranks."""
+    t = tensor_parallel_size
+    if t < 1 or world_size % t != 0:
+        raise ValueError(
+            f"rollout: tensor_parallel_size={t} must divide the number of ranks ({world_size}); "
+            "choose a divisor of trainer.num_workers"
+        )
+    return ReplicaInfo(rank // t, world_size // t, rank % t)
 
 
 @dataclass(frozen=True)
@@ -90,17 +121,31 @@ class _CallerState:
         random.setstate(self.python_rng)
 
 
+def _point_local_rank_at_current_device() -> None:
+    """vLLM's external launcher takes ``LOCAL_RANK`` as the index of its CUDA device.
+
+    A Ray worker sees only its own GPU (index 0) while ``LOCAL_RANK`` counts the ranks of
+    its node, so on GPU point it at the device the trainer uses. CPU: left as it is.
+    """
+    if torch.cuda.is_available() and dist.is_initialized():
+        os.environ["LOCAL_RANK"] = str(torch.cuda.current_device())
+
+
 def _executor_kwargs(config: VLLMRolloutConfig) -> dict[str, Any]:
     """Executor choice: external launcher inside a torch world, in-process single worker outside."""
     if dist.is_initialized():
+        replica_info(dist.get_rank(), dist.get_world_size(), config.tensor_parallel_size)  # divides?
         os.environ.setdefault("RANK", str(dist.get_rank()))
         os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
         os.environ.setdefault("LOCAL_RANK", "0")
-        return {
+        kwargs: dict[str, Any] = {
             "distributed_executor_backend": "external_launcher",
             "tensor_parallel_size": config.tensor_parallel_size,
             "data_parallel_size": 1,
         }
+        if config.tensor_parallel_size > 1 and torch.cuda.is_available():
+            kwargs["disable_custom_all_reduce"] = config.disable_custom_all_reduce
+        return kwargs
     if config.tensor_parallel_size != 1:
         raise ValueError(
             f"VLLMRollout: tensor_parallel_size={config.tensor_parallel_size} needs an initialized "
@@ -123,8 +168,10 @@ class VLLMRollout:
         extra: dict[str, Any] = {"dtype": config.dtype}
         if config.attention_backend is not None:
             extra["attention_backend"] = config.attention_backend
+        self._calls = 0  # generate calls so far: with T > 1 they seed the sampler
         caller = _CallerState.capture()
         try:
+            _point_local_rank_at_current_device()
             self.llm = LLM(
                 model=config.model_path,
                 max_model_len=config.max_model_len,
@@ -153,7 +200,26 @@ class VLLMRollout:
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=2, temperature=1.0, logprobs=0, ignore_eos=True)
-        self.llm.generate([TokensPrompt(prompt_token_ids=[self.eos_token_id])], params, use_tqdm=False)
+        self._sample([TokensPrompt(prompt_token_ids=[self.eos_token_id])], params)
+
+    def _sample(self, requests: list[Any], params: Any) -> list[Any]:
+        """``llm.generate``; with T > 1 under a seed that every rank of the replica shares.
+
+        The ranks of a tensor-parallel replica each run vLLM's scheduler and sampler; if
+        their draws differed, their sequences (and so their batches) would drift apart and
+        the replica would compute garbage or hang in a collective. The caller's RNG state
+        differs between ranks (the trainer draws on it), so seed from (seed, call count)
+        and give the caller its own state back.
+        """
+        if self.config.tensor_parallel_size == 1:
+            return self.llm.generate(requests, params, use_tqdm=False)
+        caller = _CallerState.capture()
+        torch.manual_seed(self.config.seed * 1_000_003 + self._calls)  # also seeds every CUDA device
+        self._calls += 1
+        try:
+            return self.llm.generate(requests, params, use_tqdm=False)
+        finally:
+            caller.restore()
 
     # ---- generation --------------------------------------------------------------
     def generate(
@@ -194,7 +260,7 @@ class VLLMRollout:
         requests = [
             TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_lists(prompts) for _ in range(copies)
         ]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self._sample(requests, params)
         completions = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
         result = prompts.repeat(n, interleave=True)
         for key, value in response_fields(completions, max_tokens, self.pad_token_id).items():

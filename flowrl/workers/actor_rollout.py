@@ -18,9 +18,10 @@ from omegaconf import DictConfig
 from flowrl.algos import aggregate, compute_policy_loss, entropy_loss, kl_loss
 from flowrl.algos.config import PolicyLossConfig
 from flowrl.batch import Batch
-from flowrl.controller import Dispatch, Worker, register
+from flowrl.controller import Dispatch, DispatchInfo, Worker, register
 from flowrl.engines.fsdp import Normalizer
 from flowrl.engines.sync import sync_weights
+from flowrl.engines.vllm_rollout import replica_info
 from flowrl.keys import Keys
 from flowrl.workers.engines import as_config, build_fsdp_engine, build_rollout
 
@@ -40,6 +41,13 @@ class ActorRollout(Worker):
         self.tokenizer = self.rollout.llm.get_tokenizer()
         self.loss_cfg = PolicyLossConfig(**self.cfg.actor.policy_loss)
         self.sync_weights()  # vLLM loaded the checkpoint; this also proves the sync path at start-up
+
+    def dispatch_info(self) -> DispatchInfo:
+        """``generate`` (DP_COMPUTE) sends each rollout replica's T ranks the same prompts and
+        keeps the output of its first rank; the training methods (DP_ALL_RANKS) split over all ranks."""
+        tp = self.cfg.rollout.tensor_parallel_size
+        replica, replicas, tp_rank = replica_info(self.rank, self.world_size, tp)
+        return DispatchInfo(dp_rank=replica, dp_size=replicas, is_collect=tp_rank == 0)
 
     # ---- rollout -------------------------------------------------------------------
     @register(Dispatch.DP_COMPUTE)
@@ -69,7 +77,7 @@ class ActorRollout(Worker):
         return sync_weights(self.trainer, self.rollout, self.cfg.rollout.sync_bucket_mb * 2**20)
 
     # ---- training --------------------------------------------------------------------
-    @register(Dispatch.DP_COMPUTE)
+    @register(Dispatch.DP_ALL_RANKS)
     def compute_logprobs(self, batch: Batch) -> Batch:
         """The policy's log-probs (and entropies) of the responses before the update."""
         logprobs, entropy = self.trainer.compute_logprobs(
@@ -77,7 +85,7 @@ class ActorRollout(Worker):
         )
         return Batch({Keys.OLD_LOGPROBS: logprobs, Keys.ENTROPY: entropy})
 
-    @register(Dispatch.DP_COMPUTE)
+    @register(Dispatch.DP_ALL_RANKS)
     def update(self, batch: Batch) -> list[Metrics]:
         """``actor.epochs`` passes of mini-batch steps over this rank's share of the rollout."""
         a = self.cfg.actor

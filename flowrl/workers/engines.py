@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flowrl.engines.fsdp import FSDPEngine, FSDPEngineConfig
 from flowrl.engines.optim import OptimizerConfig
-from flowrl.engines.vllm_rollout import VLLMRollout, VLLMRolloutConfig
+from flowrl.engines.vllm_rollout import VLLMRollout, VLLMRolloutConfig, replica_info
 
 
 def as_config(cfg: DictConfig | dict[str, Any]) -> DictConfig:
@@ -54,8 +54,13 @@ def _updates_per_step(cfg: DictConfig) -> int:
 
 
 def build_rollout(cfg: DictConfig, rank: int) -> VLLMRollout:
-    """The colocated vLLM engine; each rank samples with its own seed."""
+    """The colocated vLLM engine; each replica samples with its own seed.
+
+    With ``rollout.tensor_parallel_size`` T the ranks of one replica (T consecutive ranks)
+    share the seed: they must draw the same samples (``flowrl.engines.vllm_rollout``).
+    """
     r = cfg.rollout
+    replica = replica_info(rank, cfg.trainer.num_workers, r.tensor_parallel_size).replica
     return VLLMRollout(
         VLLMRolloutConfig(
             model_path=cfg.actor.model.path,
@@ -63,7 +68,7 @@ def build_rollout(cfg: DictConfig, rank: int) -> VLLMRollout:
             max_model_len=cfg.data.prompts.max_prompt_length + r.max_response_length,
             gpu_memory_utilization=r.gpu_memory_utilization,
             enforce_eager=r.enforce_eager,
-            seed=cfg.trainer.seed + rank,
+            seed=cfg.trainer.seed + replica,
             tensor_parallel_size=r.tensor_parallel_size,
         )
     )

@@ -99,6 +99,23 @@ def test_tensor_parallel_replicas_get_the_same_shard_and_one_is_collected():
     assert out[Keys.WORKER_TAG] == ["rank0", "rank0", "rank2"]  # padding row stripped
 
 
+def test_dp_all_ranks_ignores_tensor_parallel_replicas():
+    # the same group as above (4 ranks, tp=2): a training method splits over all 4 ranks
+    asked = []
+    layout = Layout(4, lambda: asked.append(1) or DPLayout.from_infos(tp_infos(4, 2), "test"))
+    p = plan(Dispatch.DP_ALL_RANKS, layout, rows(6), 0.5)
+    assert [p.calls[r][0][0][Keys.WORKER_TAG] for r in range(4)] == [["s0", "s1"], ["s2", "s3"], ["s4", "s5"], ["s0", "s1"]]
+    assert [p.calls[r][0][1] for r in range(4)] == [0.5] * 4 and p.context.pad == 2
+    tagged = {r: Batch(non_tensors={Keys.WORKER_TAG: [f"rank{r}"] * 2}) for r in range(4)}
+    out = collect(Dispatch.DP_ALL_RANKS, layout, tagged, p.context)
+    assert out[Keys.WORKER_TAG] == ["rank0", "rank0", "rank1", "rank1", "rank2", "rank2"]
+    assert asked == []  # the workers' dispatch_info is never asked
+    # a generate future (2 shards from ranks 0 and 2) is not forwarded to 4 shards: split again
+    future, gathered = fake_future({0: rows(2), 2: rows(2)}, DPLayout.from_infos(tp_infos(4, 2), "g"), 0, 4)
+    p = plan(Dispatch.DP_ALL_RANKS, layout, future)
+    assert gathered == [[0, 2]] and [len(p.calls[r][0][0]) for r in range(4)] == [1, 1, 1, 1]
+
+
 def test_dp_layout_is_asked_once():
     asked = []
     layout = Layout(2, lambda: asked.append(1) or DPLayout.plain(2))

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Scaling of the hybrid engine on the GPUs of one host (x2 or x4): FSDP2 over N GPUs, vLLM
+# with tensor_parallel_size T, fixed per-GPU batch. Qwen2.5-1.5B shape at N = 1, 2, 4
+# (T = 1), Qwen2.5-7B shape at N = 2, 4 with T = 2 (and T = 4 on four GPUs); then the
+# multi-GPU correctness checks: vLLM (T > 1) vs FSDP (N ranks) log-probs in bf16, and the
+# loss / gradient norm of one fixed global batch for every N (loss invariance).
+# Usage: scripts/gpu/bench_scaling.sh OUT_DIR [PART]   (flowrl on PYTHONPATH, vLLM importable)
+# PART: 1.5b | 7b | check | all (default). Each part fits one 10-minute call on x4;
+# summary.json is rebuilt from every <name>.json in OUT_DIR, so parts can run in turn.
+# Writes OUT_DIR/<name>.json and .log per run, OUT_DIR/gpu.txt and OUT_DIR/summary.json.
+set -euo pipefail
+out=${1:?usage: $0 OUT_DIR [1.5b|7b|check|all]}
+part=${2:-all}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_USE_FLASHINFER_SAMPLER=0 NCCL_NVLS_ENABLE=0
+gpus=$(nvidia-smi -L | wc -l)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+common=(--device cuda --dtype bfloat16 --prompt-len 256 --response-len 512 --n 4
+        --micro-batch 8 --gradient-checkpointing --gpu-memory-utilization 0.45 --iters 2
+        --workdir /tmp/flowrl-bench)
+run() {  # name, flags...
+  local name=$1; shift
+  echo "== $name: $*"
+  python3 bench/bench_scaling.py "${common[@]}" "$@" --out "$out/$name.json" 2>&1 \
+    | grep -v " INFO \| WARNING \|it/s\]" > "$out/$name.log" || echo "FAILED: $name (see $name.log)"
+  cat "$out/$name.json" 2>/dev/null; echo
+}
+fits() { [ "$1" -le "$gpus" ]; }
+if [ "$part" = 1.5b ] || [ "$part" = all ]; then
+  for n in 1 2 4; do
+    if fits "$n"; then run "1.5b_n${n}_t1" --shape qwen2.5-1.5b --batch 16 --nproc "$n" --tp 1; fi
+  done
+  if fits 2; then run "1.5b_n2_t2" --shape qwen2.5-1.5b --batch 16 --nproc 2 --tp 2; fi
+fi
+if [ "$part" = 7b ] || [ "$part" = all ]; then
+  for n in 2 4; do
+    if fits "$n"; then run "7b_n${n}_t2" --shape qwen2.5-7b --batch 8 --nproc "$n" --tp 2; fi
+  done
+  if fits 4; then run "7b_n4_t4" --shape qwen2.5-7b --batch 8 --nproc 4 --tp 4; fi
+fi
+if [ "$part" = check ] || [ "$part" = all ]; then
+  for n in 1 2 4; do
+    if fits "$n"; then run "check_1.5b_n${n}_t1" --shape qwen2.5-1.5b --batch 16 --nproc "$n" --tp 1 --check; fi
+  done
+  if fits 2; then run "check_1.5b_n2_t2" --shape qwen2.5-1.5b --batch 16 --nproc 2 --tp 2 --check; fi
+  if fits 4; then run "check_1.5b_n4_t2" --shape qwen2.5-1.5b --batch 16 --nproc 4 --tp 2 --check; fi
+fi
+python3 - "$out" <<'PY'
+import glob, json, os, sys
+out = sys.argv[1]
+runs = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(f"{out}/*.json"))
+        if not p.endswith(("summary.json",))}
+base = runs.get("1.5b_n1_t1", {}).get("tokens_per_s_per_gpu")
+for name, r in runs.items():
+    if base and name.startswith("1.5b_") and "tokens_per_s_per_gpu" in r:
+        r["scaling_efficiency"] = round(r["tokens_per_s_per_gpu"] / base, 3)
+b7 = runs.get("7b_n2_t2", {}).get("tokens_per_s_per_gpu")
+if b7 and "7b_n4_t2" in runs:
+    runs["7b_n4_t2"]["scaling_efficiency_vs_n2"] = round(runs["7b_n4_t2"]["tokens_per_s_per_gpu"] / b7, 3)
+norms = {k: v["fixed_batch_grad_norm"] for k, v in runs.items() if k.startswith("check_")}
+if norms:
+    ref = next(iter(norms.values()))
+    runs["loss_invariance"] = {"grad_norm": norms, "max_rel_diff": max(abs(v - ref) / ref for v in norms.values())}
+json.dump(runs, open(f"{out}/summary.json", "w"), indent=1)
+print(json.dumps(runs, indent=1))
+PY
