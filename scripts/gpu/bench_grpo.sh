@@ -5,7 +5,8 @@
 # gradient checkpointing, micro-batch 16, one optimizer step per rollout; medians after 1 warm-up step.
 # Usage: scripts/gpu/bench_grpo.sh OUT_DIR [SHAPES] [STEPS]   (flowrl with the gpu extra; trl, datasets)
 #   SHAPES defaults to "qwen2.5-0.5b qwen2.5-1.5b"; ENGINES="flowrl trl" picks the engines.
-# Writes OUT_DIR/gpu.txt, OUT_DIR/bench_<engine>_<shape>.log/.json and OUT_DIR/bench.json (both + ratios).
+# Writes OUT_DIR/gpu.txt, OUT_DIR/bench_<engine>_<shape>.log/.json and OUT_DIR/bench.json (every shape
+# benchmarked into OUT_DIR so far, both engines and their ratio).
 set -uo pipefail
 out=${1:?usage: $0 OUT_DIR [SHAPES] [STEPS]}
 shapes=${2:-qwen2.5-0.5b qwen2.5-1.5b}
@@ -32,9 +33,10 @@ for shape in $shapes; do
     echo "trl $shape: exit ${PIPESTATUS[0]}"; tail -3 "$out/bench_trl_$shape.log" | cut -c1-400
   fi
 done
-python3 - "$out" $shapes <<'PY'
-import json, os, sys
-out, shapes = sys.argv[1], sys.argv[2:]
+python3 - "$out" <<'PY'
+import glob, json, os, sys
+out = sys.argv[1]  # every bench_<engine>_<shape>.json in the folder, from this run or an earlier one
+shapes = sorted({os.path.basename(p)[:-5].split("_", 2)[2] for p in glob.glob(f"{out}/bench_*_*.json")})
 table = {}
 for shape in shapes:
     row = {}
