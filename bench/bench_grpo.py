@@ -56,7 +56,9 @@ def write_prompts(path: Path, rows: int, prompt_len: int, seed: int) -> str:
 
 
 def _template_tokens(tokenizer, content: str) -> int:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
@@ -104,14 +106,19 @@ def run_steps(args: argparse.Namespace, model: Path, data: str, run_dir: Path) -
         for step in range(1, args.steps + 1):
             metrics = grpo.train_step(rt)
             rt.tracker.log(step, metrics)
-            print(f"step {step}: {metrics['timing/step']:.2f} s, {metrics['perf/tokens_per_s']:.0f} tok/s", flush=True)
+            print(
+                f"step {step}: {metrics['timing/step']:.2f} s, {metrics['perf/tokens_per_s']:.0f} tok/s",
+                flush=True,
+            )
             rows.append(metrics)
         return rows
     finally:
         rt.shutdown()
 
 
-def summarize(args: argparse.Namespace, rows: list[dict[str, float]], peak_flops: float, n_params: int) -> dict:
+def summarize(
+    args: argparse.Namespace, rows: list[dict[str, float]], peak_flops: float, n_params: int
+) -> dict:
     from flowrl.perf import stage_shares, steady_state, step_mfu
 
     med = steady_state(rows, args.warmup)
@@ -193,12 +200,18 @@ def main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cuda = args.device == "cuda"
-    peak = args.peak_tflops * 1e12 if args.peak_tflops > 0 else matmul_peak_flops(args.device, 8192 if cuda else 256)
+    peak = (
+        args.peak_tflops * 1e12
+        if args.peak_tflops > 0
+        else matmul_peak_flops(args.device, 8192 if cuda else 256)
+    )
     work = Path(args.workdir)
     model = build_model(work, args.shape, args.device)
     if cuda:
         torch.cuda.empty_cache()  # the driver keeps no weights: the workers need the memory
-    data = write_prompts(work / f"prompts_{args.prompt_len}.parquet", args.prompts * args.steps, args.prompt_len, 0)
+    data = write_prompts(
+        work / f"prompts_{args.prompt_len}.parquet", args.prompts * args.steps, args.prompt_len, 0
+    )
     rows = run_steps(args, model, data, work / f"run_{args.shape}")
     result = summarize(args, rows, peak, n_params(model))
     print(json.dumps(result))

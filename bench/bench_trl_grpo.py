@@ -47,11 +47,11 @@ def make_timer_callback(times: list[float]):
     class StepTimer(TrainerCallback):
         """Wall-clock seconds of each optimizer step (generation included)."""
 
-        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        def on_step_begin(self, args, state, control, **kwargs):
             torch.cuda.synchronize()
             self.start = time.perf_counter()
 
-        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        def on_step_end(self, args, state, control, **kwargs):
             torch.cuda.synchronize()
             times.append(time.perf_counter() - self.start)
             print(f"trl step {len(times)}: {times[-1]:.2f} s", flush=True)
@@ -64,7 +64,9 @@ def trl_config(args: argparse.Namespace, out_dir: str):
 
     completions = args.prompts * args.n
     if completions % args.micro_batch:
-        raise ValueError(f"--prompts * --n = {completions} must be divisible by --micro-batch={args.micro_batch}")
+        raise ValueError(
+            f"--prompts * --n = {completions} must be divisible by --micro-batch={args.micro_batch}"
+        )
     return GRPOConfig(
         output_dir=out_dir,
         per_device_train_batch_size=args.micro_batch,

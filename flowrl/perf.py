@@ -32,7 +32,9 @@ def count_parameters(model: nn.Module) -> int:
 def step_mfu(n_params: int, tokens_per_s: float, peak_flops: float) -> float:
     """12 * N * tokens/s over the peak: the step's model FLOPs utilization (0..1)."""
     if peak_flops <= 0:
-        raise ValueError(f"step_mfu: peak_flops={peak_flops} must be positive (measure it with matmul_peak_flops)")
+        raise ValueError(
+            f"step_mfu: peak_flops={peak_flops} must be positive (measure it with matmul_peak_flops)"
+        )
     return FLOPS_PER_PARAM_TOKEN * n_params * tokens_per_s / peak_flops
 
 
@@ -55,7 +57,11 @@ def stage_shares(seconds: dict[str, float]) -> dict[str, float]:
 
 @torch.no_grad()
 def matmul_peak_flops(
-    device: str = "cuda", size: int = 8192, dtype: torch.dtype = torch.bfloat16, iters: int = 10, warmup: int = 3
+    device: str = "cuda",
+    size: int = 8192,
+    dtype: torch.dtype = torch.bfloat16,
+    iters: int = 10,
+    warmup: int = 3,
 ) -> float:
     """FLOP/s of ``size``-cubed matrix products on ``device``: the mean of ``iters`` timed runs."""
     g = torch.Generator(device=device).manual_seed(0)

@@ -61,7 +61,11 @@ def parameter_count(shape: str) -> int:
 
 
 def make_random_model(
-    path: str | os.PathLike, shape: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0
+    path: str | os.PathLike,
+    shape: str,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
 ) -> Path:
     """Write a random-weight model of ``shape`` with the tiny tokenizer to ``path`` (kept if present)."""
     from transformers import Qwen2ForCausalLM

@@ -33,10 +33,21 @@ def test_prompts_have_the_exact_templated_length(tmp_path: Path) -> None:
 
 def test_overrides_make_one_update_per_rollout_with_ignore_eos(tmp_path: Path) -> None:
     args = argparse.Namespace(
-        device="cuda", prompts=64, n=8, steps=4, gpus=1, response_len=512, prompt_len=256,
-        micro_batch=16, gradient_checkpointing=True, cuda_graphs=True, gpu_memory_utilization=0.5,
+        device="cuda",
+        prompts=64,
+        n=8,
+        steps=4,
+        gpus=1,
+        response_len=512,
+        prompt_len=256,
+        micro_batch=16,
+        gradient_checkpointing=True,
+        cuda_graphs=True,
+        gpu_memory_utilization=0.5,
     )
-    cfg = load_config(None, _bench().overrides(args, tmp_path / "m", str(tmp_path / "p.parquet"), tmp_path / "r"))
+    cfg = load_config(
+        None, _bench().overrides(args, tmp_path / "m", str(tmp_path / "p.parquet"), tmp_path / "r")
+    )
     assert cfg.actor.mini_batch_size == 512 and cfg.data.train_batch_size * cfg.rollout.n == 512
     assert cfg.rollout.ignore_eos and not cfg.rollout.enforce_eager and cfg.actor.use_kl_loss
     assert cfg.actor.model.dtype == "bfloat16" and cfg.trainer.use_gpu
