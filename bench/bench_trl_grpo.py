@@ -11,7 +11,8 @@ TRL computes old log-probs too (its vLLM importance-sampling correction is on by
 
     python bench/bench_trl_grpo.py --model /tmp/flowrl-bench/qwen2.5-1.5b --out trl.json
 
-Needs ``trl`` (1.16 was used) and ``datasets``: ``pip install "flowrl[bench]"``. Reports the median step time after the
+Needs ``trl`` (1.16 was used) and ``datasets``: ``pip install "flowrl[bench]"``.
+Reports the median step time after the
 warm-up steps and tokens/s (prompt + response tokens of a step over its wall time).
 """
 
