@@ -37,14 +37,10 @@ from flowrl.engines.optim import OptimizerConfig
 from flowrl.engines.sync import sync_weights
 from flowrl.engines.vllm_rollout import VLLMRollout, VLLMRolloutConfig
 from flowrl.keys import Keys
-from flowrl.models.tiny import make_tiny_model, make_tokenizer
+from flowrl.models.shapes import QWEN25_SHAPES, make_random_model
+from flowrl.models.tiny import make_tiny_model
 
-# Qwen2.5 shapes (hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings).
-SHAPES = {
-    "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936, True),
-    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
-    "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
-}
+SHAPES = QWEN25_SHAPES
 
 
 def build_model(args: argparse.Namespace) -> str:
@@ -57,28 +53,8 @@ def build_model(args: argparse.Namespace) -> str:
     if args.shape == "tiny":
         make_tiny_model(path)
         return str(path)
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    hidden, inter, layers, heads, kv_heads, vocab, tied = SHAPES[args.shape]
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        tie_word_embeddings=tied,
-        max_position_embeddings=32768,
-        rope_theta=1e6,
-        bos_token_id=None,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
-    with torch.device(args.device):
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
-    model.save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return str(path)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    return str(make_random_model(path, args.shape, device=args.device, dtype=dtype))
 
 
 def random_prompts(batch: int, length: int, seed: int) -> Batch:

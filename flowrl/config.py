@@ -34,6 +34,9 @@ class ModelConfig:
     path: str = ""  # a Hugging Face model folder (config.json + weights + tokenizer)
     dtype: str = "float32"  # parameter dtype on the trainer: float32 | bfloat16
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    # skip the columns that are padding in every row of a micro-batch (fewer tokens per
+    # forward when responses are short; log-probs then differ by float rounding, ~1e-7)
+    trim_padding: bool = False
 
 
 @dataclass

@@ -15,6 +15,7 @@ from flowrl.algos import apply_kl_penalty, make_kl_controller, masked_mean, toke
 from flowrl.algos.config import KLControllerConfig
 from flowrl.algos.kl import FixedKLController
 from flowrl.batch import Batch
+from flowrl.engines.memory import max_over_ranks
 from flowrl.keys import Keys
 from flowrl.rewards import reward_metrics
 from flowrl.runtime import Runtime, build_runtime
@@ -53,6 +54,8 @@ def learn(rt: Runtime, timer: Timer, batch: Batch, metrics: Metrics) -> Metrics:
         metrics |= update_metrics(rt.actor.update(batch))
     with timer("weight_sync"):
         metrics |= sync_metrics(rt.actor.sync_weights())
+    if rt.cfg.trainer.use_gpu:
+        metrics |= max_over_ranks(rt.actor.memory_stats())  # memory/<stage>_peak_gib, _used_gib
     metrics |= rollout_metrics(batch)
     metrics |= timer.metrics()
     tokens = float(batch[Keys.RESPONSE_MASK].sum() + batch[Keys.PROMPT_MASK].sum())

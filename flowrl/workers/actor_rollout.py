@@ -20,6 +20,7 @@ from flowrl.algos.config import PolicyLossConfig
 from flowrl.batch import Batch
 from flowrl.controller import Dispatch, DispatchInfo, Worker, register
 from flowrl.engines.fsdp import Normalizer
+from flowrl.engines.memory import STAGE_PEAKS
 from flowrl.engines.sync import sync_weights
 from flowrl.engines.vllm_rollout import replica_info
 from flowrl.keys import Keys
@@ -54,17 +55,19 @@ class ActorRollout(Worker):
     def generate(self, prompts: Batch, n: int = 1, temperature: float | None = None) -> Batch:
         """``n`` responses per prompt (``aabb`` order) with response ids, mask, text and sampler log-probs."""
         r = self.cfg.rollout
-        self.rollout.wake_up()  # GPU: weights and KV cache back (a no-op when awake, and on CPU)
-        out = self.rollout.generate(
-            prompts,
-            n=n,
-            temperature=r.temperature if temperature is None else temperature,
-            top_p=r.top_p,
-            top_k=r.top_k,
-            max_tokens=r.max_response_length,
-            ignore_eos=r.ignore_eos,
-        )
-        self.rollout.sleep()  # GPU: free vLLM's weights and KV cache for training (no-op on CPU)
+        with STAGE_PEAKS("generate"):
+            self.rollout.wake_up()  # GPU: weights and KV cache back (a no-op when awake, and on CPU)
+            out = self.rollout.generate(
+                prompts,
+                n=n,
+                temperature=r.temperature if temperature is None else temperature,
+                top_p=r.top_p,
+                top_k=r.top_k,
+                max_tokens=r.max_response_length,
+                ignore_eos=r.ignore_eos,
+            )
+            STAGE_PEAKS.note_used("generate")  # vLLM awake: its weights and KV cache count here
+            self.rollout.sleep()  # GPU: free vLLM's weights and KV cache for training (no-op on CPU)
         ids, mask = out[Keys.RESPONSE_IDS], out[Keys.RESPONSE_MASK]
         out[Keys.RESPONSE_TEXT] = [
             self.tokenizer.decode(row[: int(m.sum())].tolist(), skip_special_tokens=True) for row, m in zip(ids, mask)
@@ -74,15 +77,22 @@ class ActorRollout(Worker):
     @register(Dispatch.ONE_TO_ALL)
     def sync_weights(self) -> Metrics:
         """Stream the FSDP2 weights into vLLM in place; returns seconds, bytes and GB/s."""
-        return sync_weights(self.trainer, self.rollout, self.cfg.rollout.sync_bucket_mb * 2**20)
+        with STAGE_PEAKS("weight_sync"):
+            return sync_weights(self.trainer, self.rollout, self.cfg.rollout.sync_bucket_mb * 2**20)
+
+    @register(Dispatch.ONE_TO_ALL)
+    def memory_stats(self) -> Metrics:
+        """Peak GPU memory per stage of every role in this process since the last call (GPU; {} on CPU)."""
+        return STAGE_PEAKS.pop()
 
     # ---- training --------------------------------------------------------------------
     @register(Dispatch.DP_ALL_RANKS)
     def compute_logprobs(self, batch: Batch) -> Batch:
         """The policy's log-probs (and entropies) of the responses before the update."""
-        logprobs, entropy = self.trainer.compute_logprobs(
-            batch, self.cfg.rollout.temperature, self.cfg.actor.micro_batch_size, with_entropy=True
-        )
+        with STAGE_PEAKS("old_logprobs"):
+            logprobs, entropy = self.trainer.compute_logprobs(
+                batch, self.cfg.rollout.temperature, self.cfg.actor.micro_batch_size, with_entropy=True
+            )
         return Batch({Keys.OLD_LOGPROBS: logprobs, Keys.ENTROPY: entropy})
 
     @register(Dispatch.DP_ALL_RANKS)
@@ -92,12 +102,13 @@ class ActorRollout(Worker):
         per_rank = a.mini_batch_size // self.world_size
         with_entropy = a.entropy_coef != 0.0
         history = []
-        for _ in range(a.epochs):
-            for mini in batch.split(per_rank):
-                metrics = self.trainer.train_step(
-                    mini, self._loss, a.micro_batch_size, self.cfg.rollout.temperature, with_entropy
-                )
-                history.append({f"actor/{k}": v for k, v in metrics.items()})
+        with STAGE_PEAKS("update"):
+            for _ in range(a.epochs):
+                for mini in batch.split(per_rank):
+                    metrics = self.trainer.train_step(
+                        mini, self._loss, a.micro_batch_size, self.cfg.rollout.temperature, with_entropy
+                    )
+                    history.append({f"actor/{k}": v for k, v in metrics.items()})
         return history
 
     def _loss(self, micro: Batch, out: dict[str, torch.Tensor], norm: Normalizer) -> tuple[torch.Tensor, Metrics]:

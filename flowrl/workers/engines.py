@@ -42,6 +42,7 @@ def build_fsdp_engine(
             device=device_name(cfg),
             param_dtype=model.dtype,
             gradient_checkpointing=model.gradient_checkpointing,
+            trim_padding=model.trim_padding,
             seed=cfg.trainer.seed,
             optim=optim_cfg,
         )

@@ -6,6 +6,7 @@ from typing import Any
 
 from flowrl.batch import Batch
 from flowrl.controller import Dispatch, Worker, register
+from flowrl.engines.memory import STAGE_PEAKS
 from flowrl.keys import Keys
 from flowrl.workers.engines import as_config, build_fsdp_engine
 
@@ -22,7 +23,8 @@ class Reference(Worker):
 
     @register(Dispatch.DP_COMPUTE)
     def compute_ref_logprobs(self, batch: Batch) -> Batch:
-        logprobs, _ = self.engine.compute_logprobs(
-            batch, self.cfg.rollout.temperature, self.cfg.actor.micro_batch_size
-        )
+        with STAGE_PEAKS("ref"):
+            logprobs, _ = self.engine.compute_logprobs(
+                batch, self.cfg.rollout.temperature, self.cfg.actor.micro_batch_size
+            )
         return Batch({Keys.REF_LOGPROBS: logprobs})

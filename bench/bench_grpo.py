@@ -1,0 +1,223 @@
+"""Throughput of a full flowrl GRPO step on the GPU(s) of one machine.
+
+The step is the real one (``flowrl.algos.grpo.train_step`` through the Ray workers):
+generate with vLLM (CUDA graphs, sleep/wake), score, old log-probs, reference
+log-probs (KL loss on), one update over the whole rollout, weight sync into vLLM.
+The model is a Qwen2.5-shaped one with random weights; prompts have a fixed length
+and responses ignore EOS, so every step moves the same number of tokens.
+
+    python bench/bench_grpo.py --shape qwen2.5-1.5b --out result.json
+    python bench/bench_grpo.py --shape qwen2.5-0.5b --prompts 64 --n 8 --prompt-len 256 --response-len 512
+    python bench/bench_grpo.py --device cpu --shape tiny --prompts 2 --n 2 --prompt-len 16 \
+        --response-len 8 --micro-batch 2 --steps 2     # the plumbing, on CPU (fp32, tiny model)
+
+Reports medians over the steps after ``--warmup``: tokens/s/GPU (prompt + response
+tokens of the step over its wall time), seconds per stage, step MFU (12 * N * tokens/s
+over the bf16 matmul peak measured first, in the same run), weight-sync GB/s and peak
+memory per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+
+STAGES = ("generate", "reward", "old_logprobs", "ref", "update", "weight_sync")
+
+
+def write_prompts(path: Path, rows: int, prompt_len: int, seed: int) -> str:
+    """Rows whose chat-templated prompt is exactly ``prompt_len`` tokens (the byte tokenizer)."""
+    from flowrl.data.rows import write_rows
+    from flowrl.models.tiny import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    overhead = _template_tokens(tokenizer, "a") - 1
+    rng = random.Random(seed)
+    out = []
+    for i in range(rows):
+        content = "".join(rng.choices(string.ascii_lowercase, k=prompt_len - overhead))
+        assert _template_tokens(tokenizer, content) == prompt_len
+        out.append(
+            {
+                "prompt": [{"role": "user", "content": content}],
+                "data_source": "flowrl/arithmetic",
+                "reward_model": {"style": "rule", "ground_truth": "7"},
+                "extra_info": {"index": i},
+            }
+        )
+    return write_rows(str(path), out)
+
+
+def _template_tokens(tokenizer, content: str) -> int:
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def overrides(args: argparse.Namespace, model: Path, data: str, run_dir: Path) -> list[str]:
+    batch = args.prompts * args.n
+    cuda = args.device == "cuda"
+    dtype = "bfloat16" if cuda else "float32"
+    return [
+        "trainer.algorithm=grpo",
+        f"trainer.total_steps={args.steps}",
+        f"trainer.num_workers={args.gpus}",
+        f"trainer.use_gpu={str(cuda).lower()}",
+        f"trainer.run_dir={run_dir}",
+        "trainer.loggers=[jsonl]",
+        "trainer.quiet=true",
+        f"actor.model.path={model}",
+        f"actor.model.dtype={dtype}",
+        f"actor.model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+        f"actor.mini_batch_size={batch}",
+        f"actor.micro_batch_size={args.micro_batch}",
+        "actor.optim.lr=1e-6",
+        "actor.use_kl_loss=true",
+        f"rollout.n={args.n}",
+        f"rollout.max_response_length={args.response_len}",
+        "rollout.ignore_eos=true",
+        f"rollout.dtype={dtype}",
+        f"rollout.enforce_eager={str(not (cuda and args.cuda_graphs)).lower()}",
+        f"rollout.gpu_memory_utilization={args.gpu_memory_utilization}",
+        f"data.train_files=[{data}]",
+        f"data.train_batch_size={args.prompts}",
+        f"data.prompts.max_prompt_length={args.prompt_len}",
+        "reward.num_workers=2",
+    ]
+
+
+def run_steps(args: argparse.Namespace, model: Path, data: str, run_dir: Path) -> list[dict[str, float]]:
+    from flowrl.algos import grpo
+    from flowrl.config import load_config
+    from flowrl.runtime import build_runtime
+
+    cfg = load_config(None, overrides(args, model, data, run_dir))
+    rt = build_runtime(cfg)
+    try:
+        rows = []
+        for step in range(1, args.steps + 1):
+            metrics = grpo.train_step(rt)
+            rt.tracker.log(step, metrics)
+            print(
+                f"step {step}: {metrics['timing/step']:.2f} s, {metrics['perf/tokens_per_s']:.0f} tok/s",
+                flush=True,
+            )
+            rows.append(metrics)
+        return rows
+    finally:
+        rt.shutdown()
+
+
+def summarize(
+    args: argparse.Namespace, rows: list[dict[str, float]], peak_flops: float, n_params: int
+) -> dict:
+    from flowrl.perf import stage_shares, steady_state, step_mfu
+
+    med = steady_state(rows, args.warmup)
+    seconds = {s: med[f"timing/{s}"] for s in STAGES if f"timing/{s}" in med}
+    tokens_per_s_gpu = med["perf/tokens_per_s"] / args.gpus
+    return {
+        "engine": "flowrl",
+        "shape": args.shape,
+        "params": n_params,
+        "gpus": args.gpus,
+        "prompts": args.prompts,
+        "n": args.n,
+        "prompt_len": args.prompt_len,
+        "response_len": args.response_len,
+        "micro_batch": args.micro_batch,
+        "cuda_graphs": args.cuda_graphs,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "steps_measured": len(rows) - args.warmup,
+        "step_s": med["timing/step"],
+        "tokens_per_s_per_gpu": tokens_per_s_gpu,
+        "generated_tokens_per_s": args.prompts * args.n * args.response_len / seconds["generate"] / args.gpus,
+        "stage_s": seconds,
+        "stage_share": stage_shares(seconds),
+        "matmul_peak_tflops": peak_flops / 1e12,
+        "step_mfu": step_mfu(n_params, tokens_per_s_gpu, peak_flops),
+        "weight_sync_s": med["perf/weight_sync_s"],
+        "weight_sync_gb_per_s": med["perf/weight_sync_gb_per_s"],
+        "memory_gib": {k.removeprefix("memory/"): v for k, v in med.items() if k.startswith("memory/")},
+        "rollout_logprob_diff_mean": med.get("rollout/logprob_diff_mean"),
+    }
+
+
+def build_model(work: Path, shape: str, device: str) -> Path:
+    """A random model of a Qwen2.5 shape, or the tiny test model, in ``work/shape``."""
+    from flowrl.models.shapes import make_random_model
+    from flowrl.models.tiny import make_tiny_model
+
+    if shape != "tiny":
+        return make_random_model(work / shape, shape, device=device)
+    if not (work / shape / "config.json").exists():
+        make_tiny_model(work / shape)
+    return work / shape
+
+
+def n_params(model: Path) -> int:
+    """Parameters of the model folder (a tied embedding once), counted on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+    return sum(p.numel() for p in meta.parameters())
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen2.5-0.5b", help="a Qwen2.5 shape, or 'tiny' (the test model)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "flowrl-bench"))
+    p.add_argument("--out", default="", help="write the summary JSON here")
+    p.add_argument("--gpus", type=int, default=1, help="hybrid ranks, one per GPU")
+    p.add_argument("--prompts", type=int, default=64, help="prompts per step")
+    p.add_argument("--n", type=int, default=8, help="samples per prompt")
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--response-len", type=int, default=512)
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=4, help="steps in all, warm-up included")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    p.add_argument("--eager", dest="cuda_graphs", action="store_false", help="vLLM without CUDA graphs")
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 matmul peak; 0: measure it now")
+    return p.parse_args()
+
+
+def main() -> None:
+    from flowrl.perf import matmul_peak_flops
+
+    args = parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    cuda = args.device == "cuda"
+    peak = (
+        args.peak_tflops * 1e12
+        if args.peak_tflops > 0
+        else matmul_peak_flops(args.device, 8192 if cuda else 256)
+    )
+    work = Path(args.workdir)
+    model = build_model(work, args.shape, args.device)
+    if cuda:
+        torch.cuda.empty_cache()  # the driver keeps no weights: the workers need the memory
+    data = write_prompts(
+        work / f"prompts_{args.prompt_len}.parquet", args.prompts * args.steps, args.prompt_len, 0
+    )
+    rows = run_steps(args, model, data, work / f"run_{args.shape}")
+    result = summarize(args, rows, peak, n_params(model))
+    print(json.dumps(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
