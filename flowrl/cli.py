@@ -1,5 +1,6 @@
 """The ``flowrl`` command.
 
+    flowrl quickstart [--seed S]                  SFT then GRPO on CPU in minutes (flowrl/quickstart.py)
     flowrl train RECIPE.yaml [key=value ...]      RL with a recipe (flowrl/config.py)
     flowrl sft --model-path DIR --train-files F   supervised fine-tuning (flowrl/algos/sft.py)
     flowrl export SRC [--base DIR] [--out DIR]    a Hugging Face folder from a checkpoint
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="flowrl", description="Reinforcement learning for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("quickstart", help="SFT then GRPO a tiny model on arithmetic, on CPU (see --help)", add_help=False)
     p = sub.add_parser("train", help="run a recipe: flowrl train RECIPE.yaml [key=value ...]")
     p.add_argument("recipe", help="a recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.total_steps=3")
@@ -189,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["quickstart"]:  # its own parser: flowrl.quickstart
+        from flowrl.quickstart import main as quickstart
+
+        try:
+            return quickstart(argv[1:])
+        except ValueError as e:
+            print(f"flowrl quickstart: {str(e).removeprefix('quickstart: ')}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))

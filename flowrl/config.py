@@ -124,6 +124,7 @@ class TrainerConfig:
     resume: str = "disable"  # disable | auto | a checkpoint folder
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])
     quiet: bool = False  # no progress bar
+    save_policy: bool = True  # the final policy as a Hugging Face folder in RUN_DIR/policy
 
 
 @dataclass

@@ -6,6 +6,7 @@ their driver (ReMax's greedy baseline lives in ``flowrl/algos/remax.py``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -66,7 +67,9 @@ def learn(rt: Runtime, timer: Timer, batch: Batch, metrics: Metrics) -> Metrics:
 def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics]) -> Metrics:
     """The outer loop every driver shares: evaluate, ``train_step`` per step, evaluate, log.
 
-    Returns the validation metrics before (``*_before``) and after training.
+    Returns the validation metrics before (``*_before``) and after training. With
+    ``trainer.save_policy`` the final policy is written to ``RUN_DIR/policy``, a Hugging
+    Face folder that transformers and vLLM load.
     """
     rt = build_runtime(cfg)
     try:
@@ -79,6 +82,8 @@ def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics]) -> Metrics:
             rt.tracker.log(step, metrics)
         after = evaluate(rt)
         rt.tracker.log(cfg.trainer.total_steps, after)
+        if cfg.trainer.save_policy:
+            rt.actor.save_hf(os.path.abspath(os.path.join(cfg.trainer.run_dir, "policy")))
         return {**before, **after}
     finally:
         rt.shutdown()
