@@ -7,7 +7,7 @@ install:
 	@bash scripts/install.sh
 
 demo: install
-	$(PY) -m flowrl.demo
+	$(PY) -m flowrl.cli quickstart
 
 test: install
 	$(PY) -m pytest -q -ra tests

@@ -123,7 +123,7 @@ class TrainerConfig:
     eval_every: int = 0  # 0: only before and after training
     resume: str = "disable"  # disable | auto | a checkpoint folder
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])
-    quiet: bool = False  # no progress bar
+    quiet: bool = False  # no progress bar or console lines (metrics.jsonl and other sinks still written)
     save_policy: bool = True  # the final policy as a Hugging Face folder in RUN_DIR/policy
 
 

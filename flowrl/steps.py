@@ -6,6 +6,7 @@ their driver (ReMax's greedy baseline lives in ``flowrl/algos/remax.py``).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 
@@ -80,7 +81,7 @@ def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics]) -> Metrics:
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
                 metrics |= evaluate(rt)
             rt.tracker.log(step, metrics)
-        after = evaluate(rt)
+        after = evaluate(rt, samples_path=os.path.join(cfg.trainer.run_dir, "val_samples.jsonl"))
         rt.tracker.log(cfg.trainer.total_steps, after)
         if cfg.trainer.save_policy:
             rt.actor.save_hf(os.path.abspath(os.path.join(cfg.trainer.run_dir, "policy")))
@@ -186,17 +187,26 @@ def sync_metrics(per_rank: list[Metrics]) -> Metrics:
     return {"perf/weight_sync_s": seconds, "perf/weight_sync_gb_per_s": gb / max(seconds, 1e-9)}
 
 
-def evaluate(rt: Runtime, chunk: int = 64) -> Metrics:
-    """Greedy accuracy on the validation prompts (mean score; a score of 1 is a correct answer)."""
+def evaluate(rt: Runtime, chunk: int = 64, samples_path: str | None = None) -> Metrics:
+    """Greedy accuracy on the validation prompts (mean score; a score of 1 is a correct answer).
+
+    With ``samples_path``, each prompt's text, greedy response, ground truth and score go
+    to that JSONL file (the final evaluation writes ``RUN_DIR/val_samples.jsonl``).
+    """
     if rt.val_data is None:
         return {}
     n = len(rt.val_data)
     if rt.cfg.data.val_max_samples > 0:
         n = min(n, rt.cfg.data.val_max_samples)
-    scores = []
+    scores, samples = [], []
     for start in range(0, n, chunk):
         prompts = rt.val_data.collate(list(range(start, min(n, start + chunk))))
         out = rt.actor.generate(prompts, n=1, temperature=0.0)
         scores.append(rt.rewards.score(out)[Keys.SCORES])
+        fields = (out[Keys.PROMPT_TEXT], out[Keys.RESPONSE_TEXT], out[Keys.GROUND_TRUTH], scores[-1].tolist())
+        samples += [dict(zip(("prompt", "response", "ground_truth", "score"), row)) for row in zip(*fields)]
+    if samples_path is not None:
+        with open(samples_path, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in samples)
     all_scores = torch.cat(scores)  # [N]
     return {"val/accuracy": float((all_scores >= 1.0).float().mean()), "val/score": float(all_scores.mean())}

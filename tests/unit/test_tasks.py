@@ -124,3 +124,29 @@ def test_reasoning_gym_adapter(tmp_path):
     assert fn("q", f"thinking...<answer>{truth}</answer>", truth, extra) == 1.0
     assert fn("q", f"<answer>{truth}1</answer>", truth, extra) < 1.0  # another number
     assert len(PromptDataset(paths["test"], make_tokenizer())) == 4
+
+
+def test_symbols_style_and_restated_demonstrations(tmp_path):
+    paths = write_splits(tmp_path, n_train=400, n_test=20, level=2, seed=0, style="symbols", restate_fraction=0.5)
+    train, sft_train, sft_test = ([row for _, row in read_rows(paths[k])] for k in ("train", "sft_train", "sft_test"))
+    restated = 0
+    for row, sft in zip(train, sft_train):
+        prompt = row["prompt"][0]["content"]
+        assert re.fullmatch(r"\d[-+]\d=", prompt) and sft["prompt"] == row["prompt"]
+        answer = row["reward_model"]["ground_truth"]
+        assert int(answer) == eval(prompt[:-1])
+        if sft["response"] == prompt + answer:
+            restated += 1
+            # the scorer marks a restated equation wrong unless its first operand is the answer
+            assert compute_score(prompt, sft["response"], answer)["score"] == float(prompt[0] == answer)
+        else:
+            assert sft["response"] == answer
+    assert 160 < restated < 240  # about half of 400
+    assert all(r["response"] == r["reward_model"]["ground_truth"] for r in sft_test)  # held out: bare answers
+
+
+def test_bad_style_or_fraction_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="style='latex'"):
+        write_splits(tmp_path, 10, 5, level=2, style="latex")
+    with pytest.raises(ValueError, match="restate_fraction=1.5 must be in"):
+        write_splits(tmp_path, 10, 5, level=2, restate_fraction=1.5)
