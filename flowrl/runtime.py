@@ -83,7 +83,7 @@ def build_runtime(cfg: DictConfig) -> Runtime:
     rewards = RewardRunner.from_config(OmegaConf.to_object(cfg.reward))
     os.makedirs(t.run_dir, exist_ok=True)
     OmegaConf.save(cfg, os.path.join(t.run_dir, "config.yaml"))
-    tracker = Tracker(t.run_dir, [] if t.quiet else list(t.loggers), config)
+    tracker = Tracker(t.run_dir, list(t.loggers), config, total_steps=t.total_steps, quiet=t.quiet)
     return Runtime(
         cfg=cfg,
         actor=groups["actor"],
