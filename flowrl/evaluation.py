@@ -40,7 +40,7 @@ class EvalConfig:
     n: int = 1  # samples per prompt; > 1 needs temperature > 0
     seed: int = 0  # vLLM's sampling seed
     dtype: str = "float32"  # vLLM weights dtype: float32 on CPU, bfloat16 on GPU
-    reward_function: str | None = None  # "pkg.module:function" for every row; None: by data_source
+    reward_function: str | None = None  # "pkg.module:function" for every row; unset: by data_source
     out: str | None = None  # a JSONL file: one line per sample with prompt, response, score
 
     def __post_init__(self) -> None:
