@@ -236,13 +236,15 @@ def add_eval_parser(sub: Any) -> None:
     p.add_argument("data_files", metavar="DATA", nargs="+", help="parquet/JSONL files of RL rows")
     comments = field_comments(EvalConfig)
     defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
+    metavars = {"dtype": "DTYPE", "reward_function": "PKG.MODULE:FN", "out": "FILE.jsonl"}
     for name, kind in (
         ("max_samples", int), ("max_new_tokens", int), ("max_prompt_length", int), ("temperature", float),
         ("n", int), ("seed", int), ("dtype", str), ("reward_function", str), ("out", str),
     ):  # fmt: skip
         p.add_argument(
             "--" + name.replace("_", "-"), dest=name, type=kind, default=argparse.SUPPRESS,
-            metavar=kind.__name__.upper(), help=f"{comments.get(name, '')} (default: {defaults[name]})",
+            metavar=metavars.get(name, kind.__name__.upper()),
+            help=f"{comments.get(name, '')} (default: {defaults[name]})",
         )  # fmt: skip
     p.set_defaults(run=evaluate)
 

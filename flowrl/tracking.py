@@ -222,8 +222,9 @@ class Progress:
         if not self.tty:
             if line is None:
                 print(self.render(now, ascii=True), file=self.stream, flush=True)
-            else:  # one line: the progress without metrics, then the console line's metrics
-                text, rest = self.render(now, ascii=True, metrics=False), line.partition(" | ")[2]
+            else:  # one line: the progress, then the console line's metrics (if it has any)
+                rest = line.partition(" | ")[2]
+                text = self.render(now, ascii=True, metrics=not rest)
                 print(f"{text} | {rest}" if rest else text, flush=True)
             return
         self._clear()
