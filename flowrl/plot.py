@@ -82,7 +82,7 @@ def plot_run(run_dir: str, out: str | None = None, keys: Sequence[str] | None = 
         )
     out = out or os.path.join(run_dir, "metrics.png")
     last = int(max(r["step"] for r in rows))
-    draw(rows, present, out, title=f"{os.path.normpath(run_dir)}  ({last} steps)")
+    draw(rows, present, out, title=f"{os.path.normpath(run_dir)}  (last step {last})")
     return out, skipped
 
 
@@ -91,10 +91,13 @@ def draw(rows: Sequence[dict[str, float]], keys: Sequence[str], out: str, title:
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ncols = min(COLUMNS, len(keys))
     nrows = math.ceil(len(keys) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
+    first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
+    pad = max(0.5, 0.02 * (last - first))  # one shared step range: panels line up
     for ax, key in zip(axes.flat, keys):
         steps, values = series(rows, key)
         long = len(values) >= SMOOTH_FROM
@@ -105,6 +108,8 @@ def draw(rows: Sequence[dict[str, float]], keys: Sequence[str], out: str, title:
             ax.set_ylim(-0.03, 1.03)  # a fraction: the whole scale, so a small gain looks small
         ax.set_title(f"{key}  (last {values[-1]:.4g})", fontsize=10)
         ax.set_xlabel("step", fontsize=9)
+        ax.set_xlim(first - pad, last + pad)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys) :]:
