@@ -4,6 +4,8 @@
     flowrl train RECIPE.yaml [key=value ...]      RL with a recipe (flowrl/config.py)
     flowrl sft --model-path DIR --train-files F   supervised fine-tuning (flowrl/algos/sft.py)
     flowrl export SRC [--base DIR] [--out DIR]    a Hugging Face folder from a checkpoint
+    flowrl eval MODEL_DIR DATA [...]              accuracy of a model on RL rows (flowrl/evaluation.py)
+    flowrl plot RUN_DIR [--out PNG]               curves of a run's metrics.jsonl (flowrl/plot.py)
 
 Mistakes in arguments end the command with one line on stderr naming the key, file or
 value, and exit status 2.
@@ -106,6 +108,35 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    from flowrl.data.rows import RowError
+    from flowrl.evaluation import EvalConfig, evaluate_model
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
+    try:
+        cfg = EvalConfig(**fields)
+        result = evaluate_model(cfg)
+    except (ValueError, FileNotFoundError, RowError) as e:
+        raise UsageError(str(e)) from None
+    print(result.line())
+    if cfg.out:
+        print(f"samples: {cfg.out}")
+    return 0
+
+
+def plot(args: argparse.Namespace) -> int:
+    from flowrl.plot import PlotError, plot_run
+
+    try:
+        out, skipped = plot_run(args.run_dir, args.out, args.keys)
+    except PlotError as e:
+        raise UsageError(str(e)) from None
+    if skipped and args.keys:  # the defaults cover RL and SFT runs: only asked-for keys are news
+        print(f"not in metrics.jsonl, skipped: {' '.join(skipped)}", file=sys.stderr)
+    print(out)
+    return 0
+
+
 # ---- building the parser -----------------------------------------------------------------
 def field_comments(cls: type) -> dict[str, str]:
     """The ``# comment`` after each field of a dataclass's source: its --help text."""
@@ -187,7 +218,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="checkpoints: the model folder training started from (config, tokenizer)")
     p.add_argument("--out", help="the Hugging Face folder to write")
     p.set_defaults(run=export)
+    add_eval_parser(sub)
+    add_plot_parser(sub)
     return parser
+
+
+def add_eval_parser(sub: Any) -> None:
+    from flowrl.evaluation import EvalConfig
+
+    p = sub.add_parser(
+        "eval",
+        help="accuracy of a model folder on RL rows, scored by the rule rewards",
+        description="Generate with vLLM in this process (greedy by default) for each prompt of the RL rows "
+        "(prompt, data_source, reward_model.ground_truth) and score the responses with the rule reward of "
+        "each data_source. Prints accuracy (score >= 1), mean score and, with --n > 1, pass@n; the same "
+        "numbers as a training run's val/accuracy for the same model, data and lengths.",
+    )
+    p.add_argument("model_path", metavar="MODEL_DIR", help="a Hugging Face model folder (config.json)")
+    p.add_argument("data_files", metavar="DATA", nargs="+", help="parquet/JSONL files of RL rows")
+    comments = field_comments(EvalConfig)
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
+    metavars = {"dtype": "DTYPE", "reward_function": "PKG.MODULE:FN", "out": "FILE.jsonl"}
+    for name, kind in (
+        ("max_samples", int), ("max_new_tokens", int), ("max_prompt_length", int), ("temperature", float),
+        ("n", int), ("seed", int), ("dtype", str), ("reward_function", str), ("out", str),
+    ):  # fmt: skip
+        p.add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=kind, default=argparse.SUPPRESS,
+            metavar=metavars.get(name, kind.__name__.upper()),
+            help=f"{comments.get(name, '')} (default: {defaults[name]})",
+        )  # fmt: skip
+    p.set_defaults(run=evaluate)
+
+
+def add_plot_parser(sub: Any) -> None:
+    from flowrl.plot import DEFAULT_KEYS
+
+    p = sub.add_parser(
+        "plot",
+        help="PNG curves of a run's metrics.jsonl",
+        description="Draw the main curves of RUN_DIR/metrics.jsonl (RL and SFT runs), one small panel per "
+        "metric against the step; metrics the run did not log are skipped.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with metrics.jsonl")
+    p.add_argument("--out", default=None, help="the PNG to write (default: RUN_DIR/metrics.png)")
+    p.add_argument(
+        "--keys", nargs="+", default=None, metavar="KEY",
+        help=f"metrics to draw, in order (default: {' '.join(DEFAULT_KEYS)})",
+    )  # fmt: skip
+    p.set_defaults(run=plot)
 
 
 def main(argv: list[str] | None = None) -> int:

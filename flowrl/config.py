@@ -44,15 +44,15 @@ class RolloutConfig:
     """Generation with the colocated vLLM engine."""
 
     n: int = 1  # responses sampled per prompt (the group size of GRPO/RLOO)
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # sampling temperature of training rollouts (> 0)
+    top_p: float = 1.0  # nucleus sampling; 1.0: off (keep it off to compare log-probs with the trainer)
     top_k: int = -1  # -1: no top-k
-    max_response_length: int = 256
+    max_response_length: int = 256  # tokens generated per response at most
     ignore_eos: bool = False  # benchmarks: always generate max_response_length tokens
     dtype: str = "float32"  # vLLM weights dtype: float32 on CPU, bfloat16 on GPU
-    gpu_memory_utilization: float = 0.5
-    enforce_eager: bool = True
-    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5  # GPU: fraction of device memory vLLM may take (weights + KV cache)
+    enforce_eager: bool = True  # no CUDA graphs: faster start, slower decoding
+    tensor_parallel_size: int = 1  # GPUs per vLLM replica; divides the workers per node
     sync_bucket_mb: int = 256  # weight-sync bucket; peak extra memory during a sync
     val_temperature: float = 0.0  # greedy evaluation
 
@@ -68,9 +68,9 @@ class ActorConfig:
     epochs: int = 1  # passes over each rollout batch
     policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
-    entropy_coef: float = 0.0
+    entropy_coef: float = 0.0  # weight of the entropy bonus in the actor loss
     use_kl_loss: bool = False  # KL to the reference as a loss term (GRPO style)
-    kl_loss_coef: float = 0.001
+    kl_loss_coef: float = 0.001  # weight of the KL loss term (with use_kl_loss)
     kl_loss_type: str = "k3"  # k1 | k2 | k3 | abs
 
 
@@ -78,13 +78,13 @@ class ActorConfig:
 class CriticConfig:
     """The value model of PPO with GAE; unused by critic-free estimators."""
 
-    enable: bool = False
+    enable: bool = False  # train a critic (needed by the gae estimator)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-5))
-    micro_batch_size: int = 4
-    epochs: int = 1
-    cliprange_value: float = 0.5
-    loss_agg_mode: str = "token-mean"
+    micro_batch_size: int = 4  # responses per forward/backward on one rank
+    epochs: int = 1  # passes over each rollout batch
+    cliprange_value: float = 0.5  # new values stay within this distance of the old ones (clipped value loss)
+    loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
 
 
 @dataclass
@@ -92,7 +92,7 @@ class AlgorithmConfig:
     """The advantage estimator and the KL penalty in the reward (InstructGPT style)."""
 
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
-    use_kl_in_reward: bool = False
+    use_kl_in_reward: bool = False  # subtract beta * KL(policy || reference) per token from the reward
     kl_ctrl: KLControllerConfig = field(default_factory=KLControllerConfig)
 
 
@@ -100,11 +100,11 @@ class AlgorithmConfig:
 class DataConfig:
     """Prompts: parquet or JSONL rows with prompt / data_source / reward_model / extra_info."""
 
-    train_files: list[str] = field(default_factory=list)
-    val_files: list[str] = field(default_factory=list)
+    train_files: list[str] = field(default_factory=list)  # parquet/JSONL files of training prompts
+    val_files: list[str] = field(default_factory=list)  # held-out prompts: val/accuracy (greedy)
     train_batch_size: int = 8  # prompts per step
     prompts: PromptDataConfig = field(default_factory=PromptDataConfig)  # length limit, overlong policy
-    shuffle: bool = True
+    shuffle: bool = True  # a new prompt order every epoch
     val_max_samples: int = -1  # -1: all
 
 
@@ -113,16 +113,16 @@ class TrainerConfig:
     """The run: size, placement, logging and checkpoints."""
 
     algorithm: str = "grpo"  # the driver: ppo | grpo | remax | rloo | reinforce_pp
-    total_steps: int = 10
+    total_steps: int = 10  # training steps (one rollout batch each)
     num_workers: int = 1  # hybrid actor-rollout ranks (one per GPU on GPU)
-    use_gpu: bool = False
-    seed: int = 0
-    run_dir: str = "runs/flowrl"
+    use_gpu: bool = False  # CUDA + NCCL; else CPU + gloo
+    seed: int = 0  # data order, initialization and sampling
+    run_dir: str = "runs/flowrl"  # config.yaml, metrics.jsonl, checkpoints, policy
     save_every: int = 0  # 0: only at the end
-    keep_last: int = 2
+    keep_last: int = 2  # checkpoints kept; older ones are deleted
     eval_every: int = 0  # 0: only before and after training
     resume: str = "disable"  # disable | auto | a checkpoint folder
-    loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])
+    loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])  # + tensorboard, wandb
     quiet: bool = False  # no progress bar or console lines (metrics.jsonl and other sinks still written)
     save_policy: bool = True  # the final policy as a Hugging Face folder in RUN_DIR/policy
 
@@ -148,10 +148,11 @@ class Config:
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
-    reference: ModelConfig | None = None  # None: the policy's initial weights
+    reference: ModelConfig | None = None  # a reference model for KL; null: the policy's initial weights
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)  # rule rewards
-    reward_model: ModelConfig | None = None  # a learned reward model (sequence classifier) instead
+    # a learned reward model (a sequence classifier) that scores instead of the rule rewards
+    reward_model: ModelConfig | None = None
     placement: PlacementConfig = field(default_factory=PlacementConfig)  # machines and devices per role
 
 

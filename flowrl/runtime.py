@@ -83,7 +83,7 @@ def build_runtime(cfg: DictConfig) -> Runtime:
     rewards = RewardRunner.from_config(OmegaConf.to_object(cfg.reward))
     os.makedirs(t.run_dir, exist_ok=True)
     OmegaConf.save(cfg, os.path.join(t.run_dir, "config.yaml"))
-    tracker = Tracker(t.run_dir, [s for s in t.loggers if not (t.quiet and s == "console")], config)
+    tracker = Tracker(t.run_dir, list(t.loggers), config, total_steps=t.total_steps, quiet=t.quiet)
     return Runtime(
         cfg=cfg,
         actor=groups["actor"],

@@ -127,7 +127,7 @@ def run(cfg: RewardModelTrainConfig) -> Metrics:
     train = PreferenceDataset(cfg.train_files, tokenizer, data_cfg)
     val = PreferenceDataset(cfg.val_files, tokenizer, data_cfg) if cfg.val_files else None
     loader = DataLoader(train, cfg.batch_size, seed=cfg.seed)
-    tracker = Tracker(cfg.out_dir, cfg.loggers, asdict(cfg))
+    tracker = Tracker(cfg.out_dir, cfg.loggers, asdict(cfg), total_steps=cfg.steps)
     pool = ResourcePool(cfg.num_workers, use_gpu=cfg.use_gpu, num_cpus_per_bundle=1)
     group: WorkerGroup | None = None
     try:

@@ -73,6 +73,7 @@ class SFTConfig:
     max_new_tokens: int = 32  # greedy answers' length limit
     save_checkpoint: bool = False  # also write a resumable checkpoint (torch.distributed.checkpoint)
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])  # + tensorboard, wandb
+    quiet: bool = False  # no console lines or progress bar (metrics.jsonl is still written)
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:
@@ -140,7 +141,7 @@ class _Run:
         init_ray(num_gpus=cfg.num_workers if cfg.use_gpu else None)
         self.pool = ResourcePool(cfg.num_workers, use_gpu=cfg.use_gpu, num_cpus_per_bundle=1)
         self.group: Any = WorkerGroup(self.pool, SFTWorker)  # SFTWorker's methods, bound at run time
-        self.tracker = Tracker(cfg.out_dir, cfg.loggers, asdict(cfg))
+        self.tracker = Tracker(cfg.out_dir, cfg.loggers, asdict(cfg), total_steps=cfg.steps, quiet=cfg.quiet)
 
     def close(self) -> None:
         self.tracker.close()

@@ -37,6 +37,8 @@ OVERLONG_POLICIES = ("filter", "truncate_left", "error")
 
 @dataclass(frozen=True)
 class PromptDataConfig:
+    """Prompt length after the chat template, and what to do with longer prompts."""
+
     max_prompt_length: int = 512  # tokens after the chat template
     overlong: str = "filter"  # "filter" | "truncate_left" | "error"
 

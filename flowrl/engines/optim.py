@@ -15,13 +15,13 @@ SCHEDULES = ("constant", "cosine")
 class OptimizerConfig:
     """AdamW and its schedule (one step per mini-batch); ``total_steps=0`` lets the trainer fill it in."""
 
-    lr: float = 1e-6
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.01
+    lr: float = 1e-6  # peak learning rate
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.999  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator term
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
     grad_clip: float = 1.0  # max global L2 norm; <= 0 turns clipping off (the norm is still reported)
-    lr_schedule: str = "constant"  # one of SCHEDULES
+    lr_schedule: str = "constant"  # constant | cosine (SCHEDULES)
     warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr
     total_steps: int = 0  # cosine: steps from the start to the end of the decay
     min_lr_ratio: float = 0.0  # cosine: the final lr as a fraction of lr

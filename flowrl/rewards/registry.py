@@ -39,6 +39,8 @@ REASONING_GYM_FN = "flowrl.tasks.reasoning_gym:compute_score"
 
 @dataclass(frozen=True)
 class RewardConfig:
+    """Rule rewards: which function scores each data source, with what arguments and time limit."""
+
     function: str | None = None  # "pkg.module:function" scoring every data source
     by_source: dict[str, str] = field(default_factory=dict)  # data_source -> "pkg.module:function"
     kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # data_source or "*" -> kwargs
