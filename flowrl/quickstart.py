@@ -15,7 +15,7 @@
    x 8 samples per step. The reward teaches the model to answer with just the number.
 5. **Held-out accuracy** (greedy, the task's scorer) before and after RL, printed and
    written to ``OUT/summary.json``; the trained policy is written as a Hugging Face
-   folder, ``OUT/grpo/policy``, and the curves as ``OUT/grpo/curves.png``.
+   folder, ``OUT/grpo/policy``, and each stage's curves as ``OUT/{sft,grpo}/metrics.png``.
 
 Every stage is the real thing: Ray workers, FSDP2 over gloo on 2 ranks, vLLM on CPU for
 sampling, weights streamed into vLLM after each update. docs/quickstart.md has the
@@ -73,6 +73,7 @@ def sft_config(cfg: QuickstartConfig, model: str, data: dict[str, str]) -> SFTCo
         warmup_steps=20,
         num_workers=cfg.num_workers,
         seed=cfg.seed,
+        eval_every=100,
         greedy_samples=cfg.n_test,
         max_new_tokens=8,
         loggers=["jsonl"] if cfg.quiet else ["console", "jsonl"],
@@ -135,14 +136,11 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, float]:
     return summary
 
 
-def plot_curves(cfg: QuickstartConfig) -> str | None:
-    """``OUT/grpo/curves.png`` when ``flowrl plot`` is available; else None."""
-    try:
-        from flowrl.plot import plot_run
-    except ImportError:
-        return None
-    run_dir = os.path.join(cfg.out_dir, "grpo")
-    return plot_run(run_dir, os.path.join(run_dir, "curves.png"))
+def plot_curves(cfg: QuickstartConfig) -> list[str]:
+    """``OUT/sft/metrics.png`` and ``OUT/grpo/metrics.png`` (``flowrl plot`` of each stage)."""
+    from flowrl.plot import plot_run
+
+    return [plot_run(os.path.join(cfg.out_dir, stage))[0] for stage in ("sft", "grpo")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
     cfg = QuickstartConfig(**vars(parser.parse_args(argv)))
     summary = run_quickstart(cfg)
-    png = plot_curves(cfg)
+    pngs = plot_curves(cfg)
     before, after = summary["held_out_accuracy_before_rl"], summary["held_out_accuracy_after_rl"]
     print(f"held-out accuracy ({cfg.n_test} problems, greedy): after SFT {before:.2f} -> after GRPO {after:.2f}")
-    print(f"policy: {os.path.join(cfg.out_dir, 'grpo', 'policy')}" + (f" | curves: {png}" if png else ""))
+    print(f"policy: {os.path.join(cfg.out_dir, 'grpo', 'policy')} | curves: {', '.join(pngs)}")
     print(f"took {summary['total_seconds'] / 60:.1f} min; summary: {os.path.join(cfg.out_dir, 'summary.json')}")
     return 0
 
