@@ -115,10 +115,12 @@ class TrainerConfig:
     use_gpu: bool = False
     seed: int = 0
     run_dir: str = "runs/flowrl"
-    save_every: int = 0  # 0: only at the end
-    keep_last: int = 2
+    save_every: int = 0  # checkpoint every N steps and at the last step; 0: only at the last; -1: never
+    keep_last: int = 2  # complete checkpoints kept under run_dir/checkpoints (older ones deleted)
     eval_every: int = 0  # 0: only before and after training
-    resume: str = "disable"  # disable | auto | a checkpoint folder
+    resume: str = "disable"  # disable | auto (newest checkpoint in run_dir, if any) | a checkpoint folder
+    save_on_interrupt: bool = True  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
+    max_bad_steps: int = 3  # stop after this many steps in a row with a NaN/Inf loss or gradient; 0: never
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])
     quiet: bool = False  # no progress bar
 
@@ -196,6 +198,10 @@ def validate(cfg: Any, where: str = "config") -> None:
     _check(t.num_workers >= 1, where, f"trainer.num_workers={t.num_workers} must be >= 1")
     _check(r.n >= 1, where, f"rollout.n={r.n} must be >= 1")
     _check(t.total_steps >= 1, where, f"trainer.total_steps={t.total_steps} must be >= 1")
+    _check(t.save_every >= -1, where, f"trainer.save_every={t.save_every} must be >= 0 (or -1: never save)")
+    _check(t.keep_last >= 1, where, f"trainer.keep_last={t.keep_last} must be >= 1 (checkpoints kept)")
+    _check(t.max_bad_steps >= 0, where, f"trainer.max_bad_steps={t.max_bad_steps} must be >= 0 (0: never stop)")
+    _check(bool(t.resume), where, "trainer.resume is empty: use disable, auto or a checkpoint folder")
     rollout_size = cfg.data.train_batch_size * r.n
     _check(
         rollout_size % a.mini_batch_size == 0,

@@ -15,6 +15,8 @@ from flowrl.algos import apply_kl_penalty, make_kl_controller, masked_mean, toke
 from flowrl.algos.config import KLControllerConfig
 from flowrl.algos.kl import FixedKLController
 from flowrl.batch import Batch
+from flowrl.checkpoint import Checkpointer, Stateful
+from flowrl.faults import BadStepGuard, GracefulStop, RunInterrupted
 from flowrl.keys import Keys
 from flowrl.rewards import reward_metrics
 from flowrl.runtime import Runtime, build_runtime
@@ -60,20 +62,32 @@ def learn(rt: Runtime, timer: Timer, batch: Batch, metrics: Metrics) -> Metrics:
     return metrics
 
 
-def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics]) -> Metrics:
+def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics], state: dict[str, Stateful] | None = None) -> Metrics:
     """The outer loop every driver shares: evaluate, ``train_step`` per step, evaluate, log.
 
-    Returns the validation metrics before (``*_before``) and after training.
+    ``state`` holds the driver's own resumable objects (e.g. a KL controller); checkpoints,
+    resume, the NaN/Inf guard and Ctrl-C are handled here (docs/reliability.md).
+    Returns the validation metrics before (``*_before``, fresh runs only) and after training.
     """
     rt = build_runtime(cfg)
+    ckpt, guard = Checkpointer(rt, state), BadStepGuard(cfg.trainer.max_bad_steps)
     try:
-        before = {f"{k}_before": v for k, v in evaluate(rt).items()}
-        rt.tracker.log(0, before)
-        for step in range(1, cfg.trainer.total_steps + 1):
-            metrics = train_step(rt)
-            if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
-                metrics |= evaluate(rt)
-            rt.tracker.log(step, metrics)
+        with GracefulStop() as stop:
+            start = ckpt.resume()
+            before = {} if start else {f"{k}_before": v for k, v in evaluate(rt).items()}
+            if not start:
+                rt.tracker.log(0, before | data_metrics(rt))
+            for step in range(start + 1, cfg.trainer.total_steps + 1):
+                rt.begin_step(step)
+                metrics = guard.count(train_step(rt))
+                if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
+                    metrics |= evaluate(rt)
+                rt.tracker.log(step, metrics)
+                guard.check(step, ckpt.last.path if ckpt.last else None)
+                if ckpt.due(step) or (stop.requested and cfg.trainer.save_on_interrupt):
+                    ckpt.save(step)
+                if stop.requested:
+                    raise RunInterrupted(step, ckpt.last.path if ckpt.last else None)
         after = evaluate(rt)
         rt.tracker.log(cfg.trainer.total_steps, after)
         return {**before, **after}
@@ -85,6 +99,7 @@ def rollout(rt: Runtime, prompts: Batch, n: int, temperature: float | None = Non
     """``n`` responses per prompt; samples of one prompt share a contiguous ``GROUP_IDS`` value."""
     prompts = prompts.clone()
     prompts[Keys.GROUP_IDS] = torch.arange(len(prompts))  # [B]
+    prompts[Keys.SAMPLE_SEEDS] = rt.rollout_seeds(len(prompts))  # [B]
     return rt.actor.generate(prompts, n=n, temperature=temperature)
 
 
@@ -176,6 +191,12 @@ def sync_metrics(per_rank: list[Metrics]) -> Metrics:
     seconds = max(m["seconds"] for m in per_rank)
     gb = sum(m["bytes"] for m in per_rank) / 1e9
     return {"perf/weight_sync_s": seconds, "perf/weight_sync_gb_per_s": gb / max(seconds, 1e-9)}
+
+
+def data_metrics(rt: Runtime) -> Metrics:
+    """How many training prompts the length limit filtered or truncated (logged at step 0)."""
+    stats = getattr(rt.train_data.dataset, "stats", {})
+    return {f"data/train_{k.removeprefix('n_')}": float(v) for k, v in stats.items()}
 
 
 def evaluate(rt: Runtime, chunk: int = 64) -> Metrics:
