@@ -23,6 +23,9 @@ from flowrl.data.rows import RowError
 from flowrl.rewards.registry import RewardResolver
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 class InputError(ValueError):
     """A run input (file, folder, device count, data row, checkpoint) that cannot work."""
 
@@ -57,6 +60,11 @@ def check_tokenizer(path: str, model_config: dict[str, Any]) -> Any:
     """The actor folder's tokenizer loads and fits the model's embedding table."""
     from transformers import AutoTokenizer
 
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise InputError(
+            f"actor.model.path={path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the model's "
+            "tokenizer into the folder (tokenizer.save_pretrained)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing/broken tokenizer

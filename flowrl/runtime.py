@@ -6,6 +6,7 @@ touches Ray, weights or devices itself.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +97,8 @@ def build_runtime(cfg: DictConfig) -> Runtime:
     rewards = RewardRunner.from_config(OmegaConf.to_object(cfg.reward))
     os.makedirs(t.run_dir, exist_ok=True)
     OmegaConf.save(cfg, os.path.join(t.run_dir, "config.yaml"))
+    with open(os.path.join(t.run_dir, "processes.json"), "w") as f:  # for operators (and fault tests)
+        json.dump({"driver": os.getpid(), "workers": groups["actor"].pids}, f)
     tracker = Tracker(t.run_dir, [] if t.quiet else list(t.loggers), config)
     return Runtime(
         cfg=cfg,
