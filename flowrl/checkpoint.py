@@ -227,6 +227,7 @@ class Checkpointer:
         torch.save(capture_rng(), os.path.join(tmp, DRIVER_RNG))
         _write_atomic(os.path.join(tmp, DRIVER_STATE), json.dumps(self._driver_state(step), indent=1))
         _fsync_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete folder of that name (never loaded)
         os.rename(tmp, final)
         _fsync_dir(self.root)
         _write_atomic(os.path.join(self.root, LATEST), step_name(step) + "\n")
