@@ -45,7 +45,7 @@ class RunInterrupted(RuntimeError):
 def is_bad(metrics: Mapping[str, float]) -> bool:
     """A step whose update was (partly) skipped, or whose losses are not finite."""
     skipped = any(metrics.get(k, 0.0) > 0 for k in SKIP_KEYS)
-    losses = [v for k, v in metrics.items() if k.endswith("/loss") or k.endswith("/pg_loss")]
+    losses = [v for k, v in metrics.items() if k.endswith(("/loss", "/pg_loss"))]
     return skipped or not all(math.isfinite(v) for v in losses)
 
 

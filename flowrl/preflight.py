@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from flowrl.checkpoint import CHECKPOINTS, CheckpointError, check_compatible, find_latest, read_checkpoint
 from flowrl.data import DataLoader, PromptDataset
+from flowrl.data.dataset import PromptDataConfig
 from flowrl.data.rows import RowError
-from flowrl.rewards.registry import RewardResolver
-
+from flowrl.rewards.registry import RewardConfig, RewardResolver
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -123,7 +123,7 @@ def check_resume(cfg: DictConfig) -> None:
 
 def check_rewards(cfg: DictConfig, sources: set[str]) -> None:
     """Every data source of the data has a reward function that imports."""
-    resolver = RewardResolver(OmegaConf.to_object(cfg.reward))
+    resolver = RewardResolver(cast(RewardConfig, OmegaConf.to_object(cfg.reward)))
     for source in sorted(sources):
         try:
             resolver(source)
@@ -144,7 +144,7 @@ def load_inputs(cfg: DictConfig, tokenizer: Any = None) -> tuple[Any, DataLoader
     """The tokenizer, the training batches and the validation prompts; data problems as ``InputError``."""
     if tokenizer is None:
         tokenizer = check_tokenizer(cfg.actor.model.path, check_model_folder("actor.model.path", cfg.actor.model.path))
-    prompts_cfg = OmegaConf.to_object(cfg.data.prompts)
+    prompts_cfg = cast(PromptDataConfig, OmegaConf.to_object(cfg.data.prompts))
     try:
         train = PromptDataset(list(cfg.data.train_files), tokenizer, prompts_cfg)
         val = PromptDataset(list(cfg.data.val_files), tokenizer, prompts_cfg) if cfg.data.val_files else None

@@ -46,7 +46,7 @@ def files(tmp_path_factory):
 
 
 def train(files, tmp_path, *overrides, recipe=RECIPE):
-    root, model, good = files
+    _, model, good = files
     base = [f"actor.model.path={model}", f"data.train_files=[{good}]", f"trainer.run_dir={tmp_path / 'run'}"]
     return main(["train", str(recipe), *base, *overrides])
 
@@ -104,8 +104,8 @@ DATA_CASES = {
     "prompt_not_messages": ([row(0, prompt="What is 1 + 1?")], "expected a list of chat messages, got str"),
     "invalid_json": (b'{"prompt": [}\n', "row 0 (line 1): not valid JSON"),
     "non_utf8": (
-        b'{"prompt": [{"role": "user", "content": "caf\xe9"}], "data_source": "flowrl/arithmetic", '
-        b'"reward_model": {"ground_truth": "1"}}\n',
+        (b'{"prompt": [{"role": "user", "content": "caf\xe9"}], "data_source": "flowrl/arithmetic", '
+         b'"reward_model": {"ground_truth": "1"}}\n'),
         "text is not valid UTF-8 in 'prompt[0].content'",
     ),
     "unknown_data_source": ([row(i, data_source="my/task") for i in range(16)], "data_source 'my/task': no reward function"),
@@ -212,7 +212,7 @@ def test_resume_auto_from_a_run_with_other_workers(files, tmp_path, capsys):
 
 # ---- per-sample problems: skipped or fixed, and counted ---------------------------------------
 def _cfg(files, tmp_path, *overrides):
-    root, model, good = files
+    _, model, good = files
     return load_config(
         RECIPE,
         [f"actor.model.path={model}", f"data.train_files=[{good}]", f"trainer.run_dir={tmp_path}", *overrides],
