@@ -99,7 +99,8 @@ def rollout(rt: Runtime, prompts: Batch, n: int, temperature: float | None = Non
     """``n`` responses per prompt; samples of one prompt share a contiguous ``GROUP_IDS`` value."""
     prompts = prompts.clone()
     prompts[Keys.GROUP_IDS] = torch.arange(len(prompts))  # [B]
-    prompts[Keys.SAMPLE_SEEDS] = rt.rollout_seeds(len(prompts))  # [B]
+    if rt.cfg.rollout.seed_per_prompt:
+        prompts[Keys.SAMPLE_SEEDS] = rt.rollout_seeds(len(prompts))  # [B]
     return rt.actor.generate(prompts, n=n, temperature=temperature)
 
 
