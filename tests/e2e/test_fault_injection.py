@@ -2,7 +2,8 @@
 
 1. Bitwise resume: an uninterrupted 5-step run is the reference. A second run is SIGKILLed
    while it saves the step-3 checkpoint, resumed (from step 2, an epoch boundary: 16
-   prompts, 8 per step), stopped with SIGINT after step 3 (which saves a checkpoint), and
+   prompts, 8 per step), stopped by Ctrl-C (SIGINT to its process group, as a terminal sends it)
+   during step 3 (the step finishes and is saved), and
    resumed again with a larger ``trainer.total_steps`` (4 -> 5). Every metrics row after
    step 2 must equal the reference's bitwise (timing and throughput keys excluded), and
    no step may appear twice.
@@ -106,7 +107,7 @@ def test_sigkill_mid_save_then_ctrl_c_then_longer_run_resume_bitwise(assets, tmp
     proc = start(assets, run, "trainer.total_steps=4", "trainer.resume=auto", "trainer.save_every=0")
     wait_for(proc, lambda: "resumed from" in (run / "stderr.txt").read_text())  # step 3 starts now
     pids = worker_pids(run)
-    os.kill(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the driver's whole process group
     assert finish(proc) == 130
     stderr = (run / "stderr.txt").read_text()
     assert "stopped by the user after step 3; checkpoint" in stderr and "trainer.resume=auto" in stderr
@@ -139,3 +140,32 @@ def test_a_killed_worker_stops_the_run_within_60_s_naming_role_rank_and_cause(as
     assert (Path(latest.path) / "actor" / ".metadata").is_file()
     time.sleep(2)
     assert not any(alive(pid) for pid in pids), "worker processes outlived the driver"
+
+
+def test_ppo_resume_restores_critic_and_kl_controller_bitwise(assets, tmp_path):
+    """In-process (one Ray runtime for both runs): PPO with a critic and an adaptive KL
+    controller; resuming from the step-1 checkpoint repeats step 2 exactly."""
+    from flowrl.algos import ppo
+    from flowrl.config import load_config
+
+    model, splits = assets
+    run = tmp_path / "run"
+
+    def cfg(*extra):
+        return load_config("recipes/ppo_arithmetic_tiny.yaml", [
+            f"actor.model.path={model}", f"critic.model.path={model}", f"data.train_files=[{splits['train']}]",
+            f"trainer.run_dir={run}", "trainer.total_steps=2", "trainer.save_every=1", "trainer.loggers=[jsonl]",
+            "data.val_max_samples=0", *extra,
+        ])
+
+    ppo.main(cfg())
+    first = read_metrics(str(run))
+    step1 = run / "checkpoints" / "step_00000001"
+    state = json.loads((step1 / "driver.json").read_text())
+    assert (step1 / "critic" / ".metadata").is_file() and (step1 / "worker_rng" / "rank1.pt").is_file()
+    assert state["state"]["kl_ctrl"]["value"] != 0.01  # the adaptive coefficient moved during step 1
+    ppo.main(cfg(f"trainer.resume={step1}"))
+    again = read_metrics(str(run))
+    assert [r["step"] for r in again] == [r["step"] for r in first] == [0, 1, 2, 2]
+    assert stable(again) == stable(first)
+    assert "critic/grad_norm" in again[2] and "kl_reward/kl" in again[2]

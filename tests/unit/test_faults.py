@@ -126,3 +126,23 @@ def test_run_training_exit_codes_and_messages(tmp_path, capsys):
     first = capsys.readouterr().err.strip().splitlines()[0]
     assert first.startswith("flowrl train: role 'actor' rank 1: the worker process died in update")
     assert first.endswith("last checkpoint: none")
+
+
+def test_reward_workers_ignore_a_terminal_ctrl_c():
+    """A terminal's Ctrl-C reaches the reward processes too; they must not die mid-step."""
+    import time
+
+    from flowrl.rewards.pool import CallPool
+    from tests.unit.misbehaving_rewards import ok_fn
+
+    pool = CallPool(1)
+    try:
+        first = pool.run([(ok_fn, ("q", "1", "1", {}))], timeout_s=30)
+        pid = pool._workers[0].process.pid
+        os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        second = pool.run([(ok_fn, ("q", "1", "1", {}))], timeout_s=30)
+        assert first[0].status == second[0].status == "ok"
+        assert pool._workers[0].process.pid == pid and pool._workers[0].process.poll() is None
+    finally:
+        pool.close()
