@@ -202,7 +202,7 @@ class Checkpointer:
         self.trainer = rt.cfg.trainer
         self.root = os.path.join(self.trainer.run_dir, CHECKPOINTS)
         self.state = dict(state or {})
-        self.last: CheckpointRef | None = find_latest(self.root)
+        self.last: CheckpointRef | None = None  # the newest checkpoint of THIS run (saved or resumed from)
 
     def _groups(self) -> dict[str, Any]:
         groups = {"actor": self.rt.actor, "critic": self.rt.critic}
@@ -216,8 +216,8 @@ class Checkpointer:
     def save(self, step: int) -> CheckpointRef:
         """Write the checkpoint of the state after ``step`` (atomic); prune to ``keep_last``."""
         final = os.path.join(self.root, step_name(step))
-        if is_complete(final):
-            return CheckpointRef(final, step)  # resumed at the last step: the same state is already there
+        if self.last is not None and self.last.path == final:
+            return self.last  # resumed from this very step: the same state is already there
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -227,7 +227,7 @@ class Checkpointer:
         torch.save(capture_rng(), os.path.join(tmp, DRIVER_RNG))
         _write_atomic(os.path.join(tmp, DRIVER_STATE), json.dumps(self._driver_state(step), indent=1))
         _fsync_dir(tmp)
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete folder of that name (never loaded)
+        shutil.rmtree(final, ignore_errors=True)  # an earlier run's, or an incomplete one (never loaded)
         os.rename(tmp, final)
         _fsync_dir(self.root)
         _write_atomic(os.path.join(self.root, LATEST), step_name(step) + "\n")
@@ -253,6 +253,9 @@ class Checkpointer:
         remove_partial(self.root)
         mode = self.trainer.resume
         if mode == "disable":
+            if find_latest(self.root) is not None:
+                self._say(f"{self.root} holds checkpoints of an earlier run; this run replaces them as it saves "
+                          "(trainer.resume=auto continues that run instead)")
             return 0
         if mode == "auto":
             ref = find_latest(self.root)

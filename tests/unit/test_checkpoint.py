@@ -171,3 +171,14 @@ def test_a_save_killed_before_the_rename_leaves_the_previous_checkpoint_loadable
 def test_save_schedule(tmp_path, save_every, total, saved):
     rt = _runtime(tmp_path, f"trainer.save_every={save_every}", f"trainer.total_steps={total}")
     assert [s for s in range(1, total + 1) if ck.Checkpointer(rt).due(s)] == saved
+
+
+def test_a_fresh_run_replaces_an_earlier_runs_checkpoint_of_the_same_step(tmp_path):
+    old = _runtime(tmp_path)
+    old.actor.weights = 7.0
+    ck.Checkpointer(old).save(1)
+    new = _runtime(tmp_path)  # resume=disable: a new run in the same folder
+    new.actor.weights = 1.0
+    ck.Checkpointer(new).save(1)
+    loader = _runtime(tmp_path, "trainer.resume=auto")
+    assert ck.Checkpointer(loader).resume() == 1 and loader.actor.weights == 1.0
