@@ -8,7 +8,8 @@
 - ``GracefulStop``: the first SIGINT (Ctrl-C) or SIGTERM lets the current step finish,
   then the loop saves a checkpoint (``trainer.save_on_interrupt``) and raises
   ``RunInterrupted``; a second SIGINT stops at once (``KeyboardInterrupt``). Either way
-  the workers are shut down by the loop's ``finally``.
+  the workers are shut down by the loop's ``finally``. SIGUSR1 asks for a checkpoint
+  after the current step, and training goes on (a checkpoint on demand).
 """
 
 from __future__ import annotations
@@ -86,10 +87,11 @@ class GracefulStop:
     nothing) and puts the previous ones back on exit.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.requested = False
+        self.save_requested = False  # SIGUSR1: checkpoint after this step and go on
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> GracefulStop:
@@ -98,7 +100,16 @@ class GracefulStop:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def take_save_request(self) -> bool:
+        """Whether a checkpoint was asked for (SIGUSR1) since the last call."""
+        asked, self.save_requested = self.save_requested, False
+        return asked
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGUSR1:
+            self.save_requested = True
+            print("flowrl: SIGUSR1: saving a checkpoint after this step", file=sys.stderr, flush=True)
+            return
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True

@@ -84,7 +84,8 @@ def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics], state: dict[s
                     metrics |= evaluate(rt)
                 rt.tracker.log(step, metrics)
                 guard.check(step, ckpt.last.path if ckpt.last else None)
-                if ckpt.due(step) or (stop.requested and cfg.trainer.save_on_interrupt):
+                asked = stop.take_save_request() or (stop.requested and cfg.trainer.save_on_interrupt)
+                if ckpt.due(step) or asked:
                     ckpt.save(step)
                 if stop.requested:
                     raise RunInterrupted(step, ckpt.last.path if ckpt.last else None)

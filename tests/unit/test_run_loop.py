@@ -54,7 +54,7 @@ def config(tmp_path, *overrides):
                               "rollout.n=2", "trainer.total_steps=5", *overrides])
 
 
-def step_fn(skipped_at=(), interrupt_at=None):
+def step_fn(skipped_at=(), interrupt_at=None, signal_at=None):
     """A train step: the sampler position and a parameter change, like a real one."""
 
     def train_step(rt):
@@ -62,6 +62,8 @@ def step_fn(skipped_at=(), interrupt_at=None):
         rt.actor.weights += 1.0
         if rt.step == interrupt_at:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the step
+        if rt.step == signal_at:
+            os.kill(os.getpid(), signal.SIGUSR1)
         return {"actor/skipped": float(rt.step in skipped_at), "actor/pg_loss": 0.5, "w": rt.actor.weights}
 
     return train_step
@@ -109,3 +111,9 @@ def test_ctrl_c_without_save_on_interrupt(tmp_path, built):
     with pytest.raises(RunInterrupted, match="after step 1; no checkpoint"):
         steps.run(config(tmp_path, "trainer.save_on_interrupt=false"), step_fn(interrupt_at=1))
     assert find_latest(tmp_path / "checkpoints") is None
+
+
+def test_sigusr1_saves_a_checkpoint_on_demand_and_training_goes_on(tmp_path, built):
+    steps.run(config(tmp_path, "trainer.keep_last=5"), step_fn(signal_at=2))  # save_every=0: only the last
+    assert [c.step for c in list_checkpoints(tmp_path / "checkpoints")] == [2, 5]
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1, 2, 3, 4, 5, 5]
