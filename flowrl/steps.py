@@ -83,17 +83,22 @@ def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics], state: dict[s
                 if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
                     metrics |= evaluate(rt)
                 rt.tracker.log(step, metrics)
-                guard.check(step, ckpt.last.path if ckpt.last else None)
-                asked = stop.take_save_request() or (stop.requested and cfg.trainer.save_on_interrupt)
-                if ckpt.due(step) or asked:
-                    ckpt.save(step)
-                if stop.requested:
-                    raise RunInterrupted(step, ckpt.last.path if ckpt.last else None)
+                end_step(cfg, step, ckpt, guard, stop)
         after = evaluate(rt)
         rt.tracker.log(cfg.trainer.total_steps, after)
         return {**before, **after}
     finally:
         rt.shutdown()
+
+
+def end_step(cfg: DictConfig, step: int, ckpt: Checkpointer, guard: BadStepGuard, stop: GracefulStop) -> None:
+    """After a logged step: stop on too many NaN/Inf steps, checkpoint when due or asked, stop when asked."""
+    guard.check(step, ckpt.last.path if ckpt.last else None)
+    asked = stop.take_save_request() or (stop.requested and cfg.trainer.save_on_interrupt)
+    if ckpt.due(step) or asked:
+        ckpt.save(step)
+    if stop.requested:
+        raise RunInterrupted(step, ckpt.last.path if ckpt.last else None)
 
 
 def rollout(rt: Runtime, prompts: Batch, n: int, temperature: float | None = None) -> Batch:
