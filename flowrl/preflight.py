@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, cast
 
 import torch
@@ -42,8 +43,16 @@ def model_folders(cfg: DictConfig) -> dict[str, str]:
     return folders
 
 
+def is_hub_id(path: str) -> bool:
+    """``org/name`` that is no local path: transformers and vLLM fetch it (unless offline)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+    return not offline and not os.path.exists(path) and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path) is not None
+
+
 def check_model_folder(key: str, path: str) -> dict[str, Any]:
-    """The folder exists and holds a Hugging Face ``config.json``; returns that config."""
+    """The folder exists and holds a Hugging Face ``config.json``; returns that config ({} for a hub id)."""
+    if is_hub_id(path):
+        return {}
     if not os.path.isdir(path):
         raise InputError(f"{key}={path}: no such folder; give a Hugging Face model folder (config.json + weights)")
     config_file = os.path.join(path, "config.json")
@@ -60,7 +69,7 @@ def check_tokenizer(path: str, model_config: dict[str, Any]) -> Any:
     """The actor folder's tokenizer loads and fits the model's embedding table."""
     from transformers import AutoTokenizer
 
-    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+    if not is_hub_id(path) and not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
         raise InputError(
             f"actor.model.path={path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the model's "
             "tokenizer into the folder (tokenizer.save_pretrained)"
