@@ -99,9 +99,14 @@ def test_sigkill_mid_save_then_ctrl_c_then_longer_run_resume_bitwise(assets, tmp
     # SIGKILL the driver (and its process group) while it writes the step-3 checkpoint
     proc = start(assets, run, "trainer.total_steps=4")
     wait_for(proc, lambda: (run / "checkpoints" / "step_00000003.tmp").exists(), poll=0.002)
+    pids = worker_pids(run)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert find_latest(run / "checkpoints").step == 2  # the half-written step 3 is never loaded
+    gone_by = time.monotonic() + 30
+    while any(alive(pid) for pid in pids) and time.monotonic() < gone_by:
+        time.sleep(0.5)
+    assert not any(alive(pid) for pid in pids), "workers outlived their killed driver and its Ray node"
 
     # resume (step 2: an epoch boundary) and press Ctrl-C during step 3
     proc = start(assets, run, "trainer.total_steps=4", "trainer.resume=auto", "trainer.save_every=0")
