@@ -53,7 +53,7 @@ class RolloutConfig:
     sync_bucket_mb: int = 256  # weight-sync bucket; peak extra memory during a sync
     val_temperature: float = 0.0  # greedy evaluation
     # seed each prompt's sampling from (trainer.seed, step, index): a resumed run samples what an
-    # uninterrupted one did; off: vLLM's one RNG (fewer per-request kernels on GPU at large batch)
+    # uninterrupted one did; off: vLLM's one engine-wide RNG (resumes are then not bitwise)
     seed_per_prompt: bool = True
 
 
