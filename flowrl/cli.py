@@ -46,9 +46,9 @@ def train(args: argparse.Namespace) -> int:
     name = cfg.trainer.algorithm
     if name not in DRIVERS:
         raise UsageError(f"trainer.algorithm={name!r}: known drivers are {', '.join(sorted(DRIVERS))}")
-    result = importlib.import_module(DRIVERS[name]).main(cfg)
-    print(" | ".join(f"{k}={v:.4g}" for k, v in result.items()))
-    return 0
+    from flowrl.faults import run_training
+
+    return run_training(importlib.import_module(DRIVERS[name]).main, cfg, UsageError)
 
 
 def sft(args: argparse.Namespace) -> int:

@@ -55,6 +55,9 @@ class RolloutConfig:
     tensor_parallel_size: int = 1  # GPUs per vLLM replica; divides the workers per node
     sync_bucket_mb: int = 256  # weight-sync bucket; peak extra memory during a sync
     val_temperature: float = 0.0  # greedy evaluation
+    # seed each prompt's sampling from (trainer.seed, step, index): a resumed run samples what an
+    # uninterrupted one did; off: vLLM's one engine-wide RNG (resumes are then not bitwise)
+    seed_per_prompt: bool = True
 
 
 @dataclass
@@ -118,10 +121,12 @@ class TrainerConfig:
     use_gpu: bool = False  # CUDA + NCCL; else CPU + gloo
     seed: int = 0  # data order, initialization and sampling
     run_dir: str = "runs/flowrl"  # config.yaml, metrics.jsonl, checkpoints, policy
-    save_every: int = 0  # 0: only at the end
-    keep_last: int = 2  # checkpoints kept; older ones are deleted
+    save_every: int = 0  # checkpoint every N steps and at the last step; 0: only at the last; -1: never
+    keep_last: int = 2  # complete checkpoints kept under run_dir/checkpoints (older ones deleted)
     eval_every: int = 0  # 0: only before and after training
-    resume: str = "disable"  # disable | auto | a checkpoint folder
+    resume: str = "disable"  # disable | auto (newest checkpoint in run_dir, if any) | a checkpoint folder
+    save_on_interrupt: bool = True  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
+    max_bad_steps: int = 3  # stop after this many steps in a row with a NaN/Inf loss or gradient; 0: never
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])  # + tensorboard, wandb
     quiet: bool = False  # no progress bar or console lines (metrics.jsonl and other sinks still written)
     save_policy: bool = True  # the final policy as a Hugging Face folder in RUN_DIR/policy
@@ -216,6 +221,10 @@ def validate(cfg: Any, where: str = "config") -> None:
     _check(t.num_workers >= 1, where, f"trainer.num_workers={t.num_workers} must be >= 1")
     _check(r.n >= 1, where, f"rollout.n={r.n} must be >= 1")
     _check(t.total_steps >= 1, where, f"trainer.total_steps={t.total_steps} must be >= 1")
+    _check(t.save_every >= -1, where, f"trainer.save_every={t.save_every} must be >= 0 (or -1: never save)")
+    _check(t.keep_last >= 1, where, f"trainer.keep_last={t.keep_last} must be >= 1 (checkpoints kept)")
+    _check(t.max_bad_steps >= 0, where, f"trainer.max_bad_steps={t.max_bad_steps} must be >= 0 (0: never stop)")
+    _check(bool(t.resume), where, "trainer.resume is empty: use disable, auto or a checkpoint folder")
     rollout_size = cfg.data.train_batch_size * r.n
     _check(
         rollout_size % a.mini_batch_size == 0,

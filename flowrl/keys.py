@@ -28,6 +28,7 @@ class Keys:
     ADVANTAGES = "advantages"  # [B, R] float32
     RETURNS = "returns"  # [B, R] float32, value targets
     GROUP_IDS = "group_ids"  # [B] int64, contiguous ids; samples of one prompt share an id
+    SAMPLE_SEEDS = "sample_seeds"  # [B] int64, per-prompt sampling seed (rollouts reproducible on resume)
     BASELINE_SCORES = "baseline_scores"  # [B] float32, e.g. ReMax's greedy-rollout score
     CHOSEN_IDS = "chosen_ids"  # [B, L] int64, reward-model pair: preferred sequence, right-padded
     CHOSEN_MASK = "chosen_mask"  # [B, L] int64

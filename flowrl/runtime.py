@@ -6,17 +6,20 @@ touches Ray, weights or devices itself.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoTokenizer
 
 from flowrl.batch import Batch
 from flowrl.controller import WorkerGroup
 from flowrl.data import DataLoader, PromptDataset
 from flowrl.placement import connect_ray, place_workers, shutdown_groups
+from flowrl.preflight import check_run_inputs, load_inputs
 from flowrl.rewards import RewardRunner
 from flowrl.tracking import Tracker
 from flowrl.workers.actor_rollout import ActorRollout
@@ -38,6 +41,19 @@ class Runtime:
     tokenizer: Any
     rm: WorkerGroup | None = None  # a learned reward model; None: the rule rewards score
     groups: dict[str, WorkerGroup] = field(default_factory=dict)
+    step: int = 0  # the training step under way (set by the loop); seeds its rollouts
+    _rollouts_in_step: int = 0
+
+    def begin_step(self, step: int) -> None:
+        self.step, self._rollouts_in_step = step, 0
+
+    def rollout_seeds(self, n_prompts: int) -> torch.Tensor:
+        """One sampling seed per prompt, a function of (trainer.seed, step, rollout call in the
+        step, prompt index) only, so a resumed run samples what an uninterrupted one did.  -> [B]"""
+        key = [int(self.cfg.trainer.seed), self.step, self._rollouts_in_step]
+        self._rollouts_in_step += 1
+        seeds = np.random.SeedSequence(key).generate_state(n_prompts, dtype=np.uint32)
+        return torch.from_numpy(seeds.astype(np.int64))  # [B]
 
     def next_prompts(self) -> Batch:
         """The next training prompts; a new epoch starts when one ends."""
@@ -62,6 +78,8 @@ def build_runtime(cfg: DictConfig) -> Runtime:
     The rule-reward runner is opened even with a reward model: validation accuracy is
     always measured by the rules (the ground truth), training rewards by the model."""
     t = cfg.trainer
+    tokenizer = check_run_inputs(cfg)  # model folders, tokenizer, devices, resume target, data:
+    tokenizer, loader, val = load_inputs(cfg, tokenizer)  # all before any worker starts
     connect_ray(cfg)  # a local cluster, or the one placement.ray_address names
     roles: dict[str, Any] = {"actor": ActorRollout}
     if needs_reference(cfg):
@@ -75,14 +93,11 @@ def build_runtime(cfg: DictConfig) -> Runtime:
     for group in groups.values():
         group.init_model(config)
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.actor.model.path)
-    prompts_cfg = OmegaConf.to_object(cfg.data.prompts)
-    train = PromptDataset(list(cfg.data.train_files), tokenizer, prompts_cfg)
-    val = PromptDataset(list(cfg.data.val_files), tokenizer, prompts_cfg) if cfg.data.val_files else None
-    loader = DataLoader(train, cfg.data.train_batch_size, seed=t.seed, shuffle=cfg.data.shuffle)
     rewards = RewardRunner.from_config(OmegaConf.to_object(cfg.reward))
     os.makedirs(t.run_dir, exist_ok=True)
     OmegaConf.save(cfg, os.path.join(t.run_dir, "config.yaml"))
+    with open(os.path.join(t.run_dir, "processes.json"), "w") as f:  # for operators (and fault tests)
+        json.dump({"driver": os.getpid(), "workers": groups["actor"].pids}, f)
     tracker = Tracker(t.run_dir, list(t.loggers), config, total_steps=t.total_steps, quiet=t.quiet)
     return Runtime(
         cfg=cfg,

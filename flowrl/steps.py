@@ -17,7 +17,9 @@ from flowrl.algos import apply_kl_penalty, make_kl_controller, masked_mean, toke
 from flowrl.algos.config import KLControllerConfig
 from flowrl.algos.kl import FixedKLController
 from flowrl.batch import Batch
+from flowrl.checkpoint import Checkpointer, Stateful
 from flowrl.engines.memory import max_over_ranks
+from flowrl.faults import BadStepGuard, GracefulStop, RunInterrupted
 from flowrl.keys import Keys
 from flowrl.rewards import reward_metrics
 from flowrl.runtime import Runtime, build_runtime
@@ -65,22 +67,30 @@ def learn(rt: Runtime, timer: Timer, batch: Batch, metrics: Metrics) -> Metrics:
     return metrics
 
 
-def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics]) -> Metrics:
+def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics], state: dict[str, Stateful] | None = None) -> Metrics:
     """The outer loop every driver shares: evaluate, ``train_step`` per step, evaluate, log.
 
-    Returns the validation metrics before (``*_before``) and after training. With
-    ``trainer.save_policy`` the final policy is written to ``RUN_DIR/policy``, a Hugging
-    Face folder that transformers and vLLM load.
+    ``state`` holds the driver's own resumable objects (e.g. a KL controller); checkpoints,
+    resume, the NaN/Inf guard and Ctrl-C are handled here (docs/reliability.md).
+    Returns the validation metrics before (``*_before``, fresh runs only) and after training.
+    With ``trainer.save_policy`` the final policy is written to ``RUN_DIR/policy``, a
+    Hugging Face folder that transformers and vLLM load.
     """
     rt = build_runtime(cfg)
+    ckpt, guard = Checkpointer(rt, state), BadStepGuard(cfg.trainer.max_bad_steps)
     try:
-        before = {f"{k}_before": v for k, v in evaluate(rt).items()}
-        rt.tracker.log(0, before)
-        for step in range(1, cfg.trainer.total_steps + 1):
-            metrics = train_step(rt)
-            if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
-                metrics |= evaluate(rt)
-            rt.tracker.log(step, metrics)
+        with GracefulStop() as stop:
+            start = ckpt.resume()
+            before = {} if start else {f"{k}_before": v for k, v in evaluate(rt).items()}
+            if not start:
+                rt.tracker.log(0, before | data_metrics(rt))
+            for step in range(start + 1, cfg.trainer.total_steps + 1):
+                rt.begin_step(step)
+                metrics = guard.count(train_step(rt))
+                if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
+                    metrics |= evaluate(rt)
+                rt.tracker.log(step, metrics)
+                end_step(cfg, step, ckpt, guard, stop)
         after = evaluate(rt, samples_path=os.path.join(cfg.trainer.run_dir, "val_samples.jsonl"))
         rt.tracker.log(cfg.trainer.total_steps, after)
         if cfg.trainer.save_policy:
@@ -90,10 +100,22 @@ def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics]) -> Metrics:
         rt.shutdown()
 
 
+def end_step(cfg: DictConfig, step: int, ckpt: Checkpointer, guard: BadStepGuard, stop: GracefulStop) -> None:
+    """After a logged step: stop on too many NaN/Inf steps, checkpoint when due or asked, stop when asked."""
+    guard.check(step, ckpt.last.path if ckpt.last else None)
+    asked = stop.take_save_request() or (stop.requested and cfg.trainer.save_on_interrupt)
+    if ckpt.due(step) or asked:
+        ckpt.save(step)
+    if stop.requested:
+        raise RunInterrupted(step, ckpt.last.path if ckpt.last else None)
+
+
 def rollout(rt: Runtime, prompts: Batch, n: int, temperature: float | None = None) -> Batch:
     """``n`` responses per prompt; samples of one prompt share a contiguous ``GROUP_IDS`` value."""
     prompts = prompts.clone()
     prompts[Keys.GROUP_IDS] = torch.arange(len(prompts))  # [B]
+    if rt.cfg.rollout.seed_per_prompt:
+        prompts[Keys.SAMPLE_SEEDS] = rt.rollout_seeds(len(prompts))  # [B]
     return rt.actor.generate(prompts, n=n, temperature=temperature)
 
 
@@ -185,6 +207,12 @@ def sync_metrics(per_rank: list[Metrics]) -> Metrics:
     seconds = max(m["seconds"] for m in per_rank)
     gb = sum(m["bytes"] for m in per_rank) / 1e9
     return {"perf/weight_sync_s": seconds, "perf/weight_sync_gb_per_s": gb / max(seconds, 1e-9)}
+
+
+def data_metrics(rt: Runtime) -> Metrics:
+    """How many training prompts the length limit filtered or truncated (logged at step 0)."""
+    stats = getattr(rt.train_data.dataset, "stats", {})
+    return {f"data/train_{k.removeprefix('n_')}": float(v) for k, v in stats.items()}
 
 
 def evaluate(rt: Runtime, chunk: int = 64, samples_path: str | None = None) -> Metrics:

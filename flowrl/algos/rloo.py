@@ -45,4 +45,5 @@ def train_step(rt: Runtime, kl_ctrl: FixedKLController | None) -> dict[str, floa
 def main(cfg: DictConfig) -> dict[str, float]:
     """Train for ``trainer.total_steps``; returns the validation metrics before and after."""
     kl_ctrl = steps.kl_controller(cfg)
-    return steps.run(cfg, lambda rt: train_step(rt, kl_ctrl))
+    state = {"kl_ctrl": kl_ctrl} if kl_ctrl is not None else {}
+    return steps.run(cfg, lambda rt: train_step(rt, kl_ctrl), state)

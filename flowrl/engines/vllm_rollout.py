@@ -231,8 +231,13 @@ class VLLMRollout:
         top_k: int = 0,
         max_tokens: int = 256,
         ignore_eos: bool = False,
+        seeds: list[int] | None = None,
     ) -> Batch:
         """``n`` samples per prompt: the prompt rows repeated (``aabb``) plus the response fields.
+
+        ``seeds`` (one per prompt) seed each prompt's sampling (its i-th sample uses
+        ``seed + i``), so the responses do not depend on what the engine sampled before:
+        a resumed run draws what an uninterrupted one would have. None: the engine's RNG.
 
         Responses are right-padded to exactly ``max_tokens`` columns (a fixed width, so
         batches from several calls or ranks concatenate). ``RESPONSE_MASK`` covers every
@@ -247,20 +252,29 @@ class VLLMRollout:
         from vllm.inputs import TokensPrompt
 
         copies = n if temperature == 0 else 1  # vLLM allows n > 1 only when sampling
-        params = SamplingParams(
-            n=n // copies,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            max_tokens=max_tokens,
-            ignore_eos=ignore_eos,
-            logprobs=0,
-            detokenize=False,
-        )
+
+        def params(seed: int | None = None) -> SamplingParams:
+            return SamplingParams(
+                n=n // copies,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                max_tokens=max_tokens,
+                ignore_eos=ignore_eos,
+                logprobs=0,
+                detokenize=False,
+                seed=seed,
+            )
+
         requests = [
             TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_lists(prompts) for _ in range(copies)
         ]
-        outputs = self._sample(requests, params)
+        per_request: SamplingParams | list[SamplingParams] = params()
+        if seeds is not None and temperature > 0:
+            if len(seeds) != len(requests):
+                raise ValueError(f"VLLMRollout.generate: {len(seeds)} seeds for {len(requests)} prompts")
+            per_request = [params(int(s)) for s in seeds]
+        outputs = self._sample(requests, per_request)
         completions = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
         result = prompts.repeat(n, interleave=True)
         for key, value in response_fields(completions, max_tokens, self.pad_token_id).items():

@@ -55,7 +55,10 @@ def _serve(conn: Connection) -> None:
 
     Unpickling a call imports the function's module, which may be slow the first time;
     the "started" message tells the parent that the call's own clock starts now.
+    A terminal's Ctrl-C reaches this process too (same process group): it is ignored, the
+    parent decides when the pool stops.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         try:
             msg = conn.recv()

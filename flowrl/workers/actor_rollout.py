@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from flowrl.algos import aggregate, compute_policy_loss, entropy_loss, kl_loss
 from flowrl.algos.config import PolicyLossConfig
 from flowrl.batch import Batch
+from flowrl.checkpoint import load_rng, save_rng, worker_rng_path
 from flowrl.controller import Dispatch, DispatchInfo, Worker, register
 from flowrl.engines.fsdp import Normalizer
 from flowrl.engines.memory import STAGE_PEAKS
@@ -65,6 +66,7 @@ class ActorRollout(Worker):
                 top_k=r.top_k,
                 max_tokens=r.max_response_length,
                 ignore_eos=r.ignore_eos,
+                seeds=prompts[Keys.SAMPLE_SEEDS].tolist() if Keys.SAMPLE_SEEDS in prompts else None,
             )
             STAGE_PEAKS.note_used("generate")  # vLLM awake: its weights and KV cache count here
             self.rollout.sleep()  # GPU: free vLLM's weights and KV cache for training (no-op on CPU)
@@ -145,3 +147,12 @@ class ActorRollout(Worker):
     def load(self, path: str) -> None:
         self.trainer.load(path)
         self.sync_weights()
+
+    @register(Dispatch.ONE_TO_ALL)
+    def save_rng_state(self, checkpoint: str) -> None:
+        """This process's torch/numpy/python RNG states (shared by its colocated roles)."""
+        save_rng(worker_rng_path(checkpoint, self.rank))
+
+    @register(Dispatch.ONE_TO_ALL)
+    def load_rng_state(self, checkpoint: str) -> None:
+        load_rng(worker_rng_path(checkpoint, self.rank))

@@ -1,7 +1,10 @@
 """Each recipe's CPU variant runs 2 steps end to end: real Ray, FSDP2 (2 ranks), vLLM, rule rewards."""
 
+import os
+
 import pytest
 
+from flowrl.checkpoint import find_latest
 from flowrl.cli import DRIVERS
 from flowrl.config import load_config
 from flowrl.models.tiny import make_tiny_model
@@ -52,6 +55,10 @@ def test_recipe_two_steps(algo, assets, tmp_path):
                 "actor/lr", "actor/pg_loss", "actor/entropy", "timing/generate", "perf/weight_sync_s",
                 "perf/tokens_per_s", "advantages/mean"):
         assert key in steps[0], key
+    # the last step is checkpointed by default (trainer.save_every=0), with the critic's state for PPO
+    saved = find_latest(tmp_path / "run" / "checkpoints")
+    assert saved.step == 2 and os.path.isfile(os.path.join(saved.path, "actor", ".metadata"))
+    assert os.path.isdir(os.path.join(saved.path, "critic")) == (algo == "ppo")
     if algo == "ppo":
         assert "critic/grad_norm" in steps[0] and "values/mean" in steps[0]
         assert "kl_reward/kl" in steps[0] and "kl_ref/k1" in steps[0]
