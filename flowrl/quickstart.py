@@ -76,7 +76,8 @@ def sft_config(cfg: QuickstartConfig, model: str, data: dict[str, str]) -> SFTCo
         eval_every=100,
         greedy_samples=cfg.n_test,
         max_new_tokens=8,
-        loggers=["jsonl"] if cfg.quiet else ["console", "jsonl"],
+        loggers=["console", "jsonl"],
+        quiet=cfg.quiet,
     )
 
 
@@ -152,12 +153,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
     cfg = QuickstartConfig(**vars(parser.parse_args(argv)))
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the workers inherit it: no per-step INFO lines
     summary = run_quickstart(cfg)
     pngs = plot_curves(cfg)
     before, after = summary["held_out_accuracy_before_rl"], summary["held_out_accuracy_after_rl"]
-    print(f"held-out accuracy ({cfg.n_test} problems, greedy): after SFT {before:.2f} -> after GRPO {after:.2f}")
+    print(
+        f"held-out accuracy ({cfg.n_test} problems, greedy): after SFT {before:.2f} -> after GRPO {after:.2f}"
+    )
     print(f"policy: {os.path.join(cfg.out_dir, 'grpo', 'policy')} | curves: {', '.join(pngs)}")
-    print(f"took {summary['total_seconds'] / 60:.1f} min; summary: {os.path.join(cfg.out_dir, 'summary.json')}")
+    print(
+        f"took {summary['total_seconds'] / 60:.1f} min; summary: {os.path.join(cfg.out_dir, 'summary.json')}"
+    )
     return 0
 
 

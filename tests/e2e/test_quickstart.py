@@ -2,18 +2,24 @@
 
 The full-length run (300 SFT + 30 GRPO steps) and its accuracy gain are measured in
 docs/quickstart.md; here the pipeline runs with few steps, and the policy it writes must
-load in transformers and in vLLM (through ``flowrl export``) and answer the held-out
-prompts exactly as the trained policy did in the run's final evaluation.
+load in transformers and in vLLM (``flowrl export``, then ``flowrl eval``) and answer the
+held-out prompts exactly as the trained policy did in the run's final evaluation, with the
+same accuracy.
 """
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from flowrl.cli import main
 from flowrl.tracking import read_metrics
-from tests.integration.multirank import run_plain
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow  # ~2 min: two stages, each starting Ray workers and vLLM
 
@@ -72,22 +78,19 @@ def test_exported_policy_answers_like_the_run_in_transformers(out, exported):
         assert tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True) == s["response"], s
 
 
-def _vllm_greedy(model_dir: str, prompts: list[str]) -> list[str]:
-    from flowrl.batch import Batch
-    from flowrl.data.dataset import tokenize_texts
-    from flowrl.data.padding import left_pad
-    from flowrl.engines.vllm_rollout import VLLMRollout, VLLMRolloutConfig
-    from flowrl.keys import Keys
-
-    rollout = VLLMRollout(VLLMRolloutConfig(model_path=model_dir, max_model_len=64, warmup=False))
-    tok = rollout.llm.get_tokenizer()
-    ids, mask = left_pad(tokenize_texts(tok, prompts), rollout.pad_token_id)
-    out = rollout.generate(Batch({Keys.PROMPT_IDS: ids, Keys.PROMPT_MASK: mask}), temperature=0.0, max_tokens=8)
-    rows = zip(out[Keys.RESPONSE_IDS], out[Keys.RESPONSE_MASK])
-    return [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in rows]
-
-
-def test_exported_policy_answers_like_the_run_in_vllm(out, exported):
-    samples = _samples(out)
-    answers = run_plain(_vllm_greedy, str(exported), [s["prompt"] for s in samples])
-    assert answers == [s["response"] for s in samples]
+def test_flowrl_eval_of_the_export_gives_the_runs_answers_and_accuracy(out, exported):
+    """``flowrl eval`` (vLLM in its own process) on the exported folder and the held-out rows."""
+    samples, records = _samples(out), out / "eval.jsonl"
+    cmd = [
+        sys.executable, "-m", "flowrl.cli", "eval", str(exported), str(out / "data" / "test.parquet"),
+        "--max-new-tokens", "8", "--max-prompt-length", "32", "--out", str(records),
+    ]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [json.loads(line)["response"] for line in records.read_text().splitlines()] == [
+        s["response"] for s in samples
+    ]
+    accuracy = read_metrics(str(out / "grpo"))[-1]["val/accuracy"]
+    correct = sum(s["score"] >= 1.0 for s in samples)
+    assert f"accuracy={accuracy:.4f} ({correct}/{N_TEST})" in proc.stdout, proc.stdout
