@@ -19,6 +19,7 @@ from typing import Any
 PREFIX = "reasoning_gym/"
 INSTRUCTION = "Give your final answer inside <answer></answer> tags."
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def _rg() -> Any:
@@ -78,14 +79,33 @@ def _scorer(task: str) -> Callable[[str | None, dict[str, Any]], float]:
     return _rg().get_score_answer_fn(task)
 
 
-def extract_answer(response: str) -> str:
+UNTAGGED = ("whole", "last_number")  # what an answer without <answer> tags is scored as
+
+
+def extract_answer(response: str, untagged: str = "whole") -> str:
+    """The last ``<answer>`` content; without tags the whole response, or with
+    ``untagged="last_number"`` the last number in it (``"4 - 1 = 3"`` -> ``"3"``; none: ``""``)."""
     tagged = _ANSWER_TAG.findall(response)
-    return (tagged[-1] if tagged else response).strip()
+    if tagged:
+        return tagged[-1].strip()
+    if untagged == "last_number":
+        numbers = _NUMBER.findall(response)
+        return numbers[-1] if numbers else ""
+    if untagged != "whole":
+        raise ValueError(f"reasoning_gym reward: untagged={untagged!r}; choose one of {list(UNTAGGED)}")
+    return response.strip()
 
 
-def compute_score(prompt: str, response: str, ground_truth: Any, extra: dict[str, Any]) -> float:
-    """reasoning-gym's ``score_answer`` for the task named in ``extra["task"]``."""
+def compute_score(
+    prompt: str, response: str, ground_truth: Any, extra: dict[str, Any], untagged: str = "whole"
+) -> float:
+    """reasoning-gym's ``score_answer`` for the task named in ``extra["task"]``.
+
+    ``untagged`` (set with ``reward.kwargs``): how a response without ``<answer>`` tags is
+    read: ``whole`` (reasoning-gym's own habit; for ``basic_arithmetic`` "4 - 1 = 3" then
+    earns only partial credit) or ``last_number``, the flexible extraction common for
+    arithmetic word problems (GSM8K's "flexible" mode)."""
     if "entry" not in extra or "task" not in extra:
         raise ValueError("reasoning_gym reward: extra_info needs 'task' and 'entry' (rows from make_rows)")
     entry = json.loads(extra["entry"])
-    return float(_scorer(extra["task"])(extract_answer(response), entry))
+    return float(_scorer(extra["task"])(extract_answer(response, untagged), entry))

@@ -111,7 +111,7 @@ def test_command_line(tmp_path, capsys):
 
 def test_reasoning_gym_adapter(tmp_path):
     pytest.importorskip("reasoning_gym")
-    from flowrl.rewards import RewardResolver
+    from flowrl.rewards import RewardConfig, RewardResolver
     from flowrl.tasks import reasoning_gym as rga
 
     paths = rga.write_splits(tmp_path, "basic_arithmetic", n_train=8, n_test=4, seed=0, fmt="jsonl")
@@ -124,6 +124,15 @@ def test_reasoning_gym_adapter(tmp_path):
     assert fn("q", f"thinking...<answer>{truth}</answer>", truth, extra) == 1.0
     assert fn("q", f"<answer>{truth}1</answer>", truth, extra) < 1.0  # another number
     assert len(PromptDataset(paths["test"], make_tokenizer())) == 4
+    # untagged answers: partial credit by default; the last number with untagged="last_number"
+    assert fn("q", f"1 + 2 = {truth}", truth, extra) < 1.0
+    flexible = RewardResolver(RewardConfig(kwargs={"*": {"untagged": "last_number"}}))("reasoning_gym/basic_arithmetic")
+    assert flexible("q", f"1 + 2 = {truth}", truth, extra) == 1.0
+    assert flexible("q", f"{truth} is not it, it is {truth}1", truth, extra) < 1.0  # the last number counts
+    assert flexible("q", "no number here", truth, extra) == 0.0
+    assert rga.extract_answer("x <answer> -4 </answer> then 7", "last_number") == "-4"  # tags win
+    with pytest.raises(ValueError, match="untagged='first'"):
+        rga.extract_answer("3", "first")
 
 
 def test_symbols_style_and_restated_demonstrations(tmp_path):
