@@ -110,10 +110,12 @@ def export(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     from flowrl.data.rows import RowError
-    from flowrl.evaluation import EvalConfig, evaluate_model
+    from flowrl.evaluation import EvalConfig, evaluate_model, settings_of_run
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "run", "like_run")}
     try:
+        if getattr(args, "like_run", None):  # the run's settings; options given here still win
+            fields = settings_of_run(args.like_run) | fields
         cfg = EvalConfig(**fields)
         result = evaluate_model(cfg)
     except (ValueError, FileNotFoundError, RowError) as e:
@@ -236,6 +238,11 @@ def add_eval_parser(sub: Any) -> None:
     )
     p.add_argument("model_path", metavar="MODEL_DIR", help="a Hugging Face model folder (config.json)")
     p.add_argument("data_files", metavar="DATA", nargs="+", help="parquet/JSONL files of RL rows")
+    p.add_argument(
+        "--like-run", metavar="RUN_DIR", default=argparse.SUPPRESS,
+        help="take the response and prompt lengths, val_max_samples and reward settings of a training run "
+        "(RUN_DIR/config.yaml), so that accuracy equals its val/accuracy; options given here win",
+    )  # fmt: skip
     comments = field_comments(EvalConfig)
     defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
     metavars = {"dtype": "DTYPE", "reward_function": "PKG.MODULE:FN", "out": "FILE.jsonl"}

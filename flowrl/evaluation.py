@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -42,6 +42,7 @@ class EvalConfig:
     dtype: str = "float32"  # vLLM weights dtype: float32 on CPU, bfloat16 on GPU
     reward_function: str | None = None  # "pkg.module:function" for every row; unset: by data_source
     out: str | None = None  # a JSONL file: one line per sample with prompt, response, score
+    reward: RewardConfig = field(default_factory=RewardConfig)  # rule rewards (a run's `reward` group)
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:
@@ -78,6 +79,28 @@ class EvalResult:
         if m["n"] > 1:
             text += f" pass@{int(m['n'])}={m['pass_at_n']:.4f}"
         return f"{text} prompts={int(m['prompts'])}"
+
+
+def settings_of_run(run: str) -> dict[str, Any]:
+    """EvalConfig fields from a training run's ``config.yaml`` (the file or its folder): the
+    response and prompt lengths, ``data.val_max_samples`` and the ``reward`` group, so that
+    greedy accuracy here equals that run's ``val/accuracy``."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(run, "config.yaml") if os.path.isdir(run) else run
+    if not os.path.isfile(path):
+        raise ValueError(f"--like-run {run}: no run config (config.yaml) there")
+    cfg = OmegaConf.load(path)
+    try:
+        reward = OmegaConf.to_container(cfg.reward, resolve=True)
+        return {
+            "max_new_tokens": int(cfg.rollout.max_response_length),
+            "max_prompt_length": int(cfg.data.prompts.max_prompt_length),
+            "max_samples": int(cfg.data.val_max_samples) if int(cfg.data.val_max_samples) > 0 else -1,
+            "reward": RewardConfig(**reward),
+        }
+    except Exception as e:  # noqa: BLE001 - any malformed file gets the same one-line answer
+        raise ValueError(f"--like-run {path}: not a flowrl run config ({type(e).__name__}: {e})") from None
 
 
 def evaluate_model(cfg: EvalConfig) -> EvalResult:
@@ -134,7 +157,8 @@ def generate(cfg: EvalConfig, prompts: Batch) -> Batch:
 
 def reward_resolver(cfg: EvalConfig, data_sources: list[str]) -> RewardResolver:
     """The rule reward of each data source; an unknown source or a bad path fails here, by name."""
-    resolver = RewardResolver(RewardConfig(function=cfg.reward_function))
+    reward = cfg.reward if cfg.reward_function is None else replace(cfg.reward, function=cfg.reward_function)
+    resolver = RewardResolver(reward)
     for source in dict.fromkeys(data_sources):
         try:
             resolver(source)

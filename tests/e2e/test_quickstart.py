@@ -79,11 +79,12 @@ def test_exported_policy_answers_like_the_run_in_transformers(out, exported):
 
 
 def test_flowrl_eval_of_the_export_gives_the_runs_answers_and_accuracy(out, exported):
-    """``flowrl eval`` (vLLM in its own process) on the exported folder and the held-out rows."""
+    """``flowrl eval`` (vLLM in its own process) on the exported folder and the held-out rows,
+    with the run's lengths and reward settings (``--like-run``)."""
     samples, records = _samples(out), out / "eval.jsonl"
     cmd = [
         sys.executable, "-m", "flowrl.cli", "eval", str(exported), str(out / "data" / "test.parquet"),
-        "--max-new-tokens", "8", "--max-prompt-length", "32", "--out", str(records),
+        "--like-run", str(out / "grpo"), "--out", str(records),
     ]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)

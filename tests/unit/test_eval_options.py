@@ -67,3 +67,28 @@ def test_unknown_data_source_fails_before_generation(tmp_path, capsys, model_dir
 def test_bad_reward_function_path(tmp_path, capsys, model_dir):
     err = _error(capsys, ["eval", model_dir, _rows(tmp_path), "--reward-function", "no_such_mod:score"])
     assert "no_such_mod" in err
+
+
+def test_like_run_takes_lengths_samples_and_reward_settings(tmp_path):
+    from omegaconf import OmegaConf
+
+    from flowrl.config import load_config
+    from flowrl.evaluation import settings_of_run
+    from flowrl.rewards import RewardConfig
+
+    overrides = ["actor.model.path=m", "data.train_files=[x.parquet]", "data.val_max_samples=7", "rollout.max_response_length=40"]
+    cfg = load_config("recipes/grpo_smollm2_arith_gpu.yaml", overrides)
+    OmegaConf.save(cfg, tmp_path / "config.yaml")  # what every run writes
+    got = settings_of_run(str(tmp_path))
+    assert got["max_new_tokens"] == 40 and got["max_samples"] == 7
+    assert got["max_prompt_length"] == cfg.data.prompts.max_prompt_length
+    assert got["reward"] == RewardConfig(num_workers=4, kwargs={"*": {"untagged": "last_number"}})
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.yaml").write_text("rollout: 3\n")
+    with pytest.raises(ValueError, match=r"--like-run .*bad/config.yaml: not a flowrl run config"):
+        settings_of_run(str(tmp_path / "bad"))
+
+
+def test_like_run_without_a_config_is_one_line(model_dir, tmp_path, capsys):
+    assert main(["eval", model_dir, _rows(tmp_path), "--like-run", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"flowrl eval: --like-run {tmp_path}: no run config (config.yaml) there"
