@@ -11,8 +11,8 @@ Layout under ``RUN_DIR/checkpoints``::
     latest                    the name of the newest complete checkpoint (written last)
 
 A save writes everything into ``step_<8-digit step>.tmp`` (e.g. ``step_00000004.tmp``)
-first; ``driver.json`` is the last file written inside it, then the folder is renamed to its final name and ``latest`` is
-replaced (write + ``os.replace``). A process killed at any moment therefore leaves either
+first; ``driver.json`` is the last file written inside it, then the folder is renamed to
+its final name and ``latest`` is replaced (write + ``os.replace``). A process killed at any moment therefore leaves either
 a ``.tmp`` folder (ignored and removed by the next run) or a complete checkpoint; a
 checkpoint folder without ``driver.json`` is never loaded. ``keep_last`` complete
 checkpoints are kept; older ones are deleted after a new one is complete.
