@@ -6,7 +6,10 @@ sync the weights into vLLM (FSDP layout -> TP shards, bucket by bucket), generat
 ``--n`` responses for each prompt (fixed length, EOS ignored), compute the old
 log-probs, one training step. The per-GPU batch is fixed (``--batch`` prompts per GPU,
 so a replica gets ``T * batch``): perfect scaling keeps tokens/s/GPU constant as N
-grows. The first iteration is a warm-up; figures are medians over the others.
+grows. The first iteration is a warm-up; figures are medians over the others. Step MFU
+counts 10 N FLOPs per token (generation 2, old log-probs 2, update 6: no reference model
+in this step) over the bf16 matmul peak measured first in the same run; per-stage peak
+GPU memory is the maximum over ranks.
 
     python bench/bench_scaling.py --nproc 2 --tp 1                   # tiny model, CPU
     python bench/bench_scaling.py --device cuda --dtype bfloat16 --shape qwen2.5-1.5b --nproc 4 --tp 1
@@ -39,10 +42,14 @@ from bench_hybrid import SHAPES, Clock, build_model, random_prompts, sampled_nll
 from flowrl.batch import Batch
 from flowrl.engines.distributed import free_port
 from flowrl.engines.fsdp import FSDPEngine, FSDPEngineConfig
+from flowrl.engines.memory import STAGE_PEAKS, max_over_ranks
 from flowrl.engines.optim import OptimizerConfig
 from flowrl.engines.sync import sync_weights
 from flowrl.engines.vllm_rollout import VLLMRollout, VLLMRolloutConfig, replica_info
 from flowrl.keys import Keys
+from flowrl.perf import count_parameters, matmul_peak_flops, step_mfu
+
+FLOPS_PER_PARAM_TOKEN = 10  # this step has no reference model: generation 2 + old log-probs 2 + update 6
 
 
 def build_engines(rank: int, args: argparse.Namespace, model_path: str) -> tuple[FSDPEngine, VLLMRollout]:
@@ -80,18 +87,20 @@ def grpo_step(trainer: FSDPEngine, rollout: VLLMRollout, prompts: Batch, args: a
     """Sync, generate (one replica's prompts), old log-probs and one update on this rank's share."""
     cuda = args.device == "cuda"
     rank, world = dist.get_rank(), dist.get_world_size()
-    sync = sync_weights(trainer, rollout, args.bucket_mb << 20)
-    with Clock(cuda) as gen:
+    with STAGE_PEAKS("weight_sync"):
+        sync = sync_weights(trainer, rollout, args.bucket_mb << 20)
+    with STAGE_PEAKS("generate"), Clock(cuda) as gen:
         samples = rollout.generate(
             prompts, n=args.n, temperature=1.0, max_tokens=args.response_len, ignore_eos=True
         )
+        STAGE_PEAKS.note_used("generate")  # vLLM awake: its weights and KV cache count here
     rollout.sleep(level=1)
     mine = my_rows(
         samples, replica_info(rank, world, args.tp).tp_rank, args.tp
     )  # T ranks split a replica's rows
-    with Clock(cuda) as old:
+    with STAGE_PEAKS("old_logprobs"), Clock(cuda) as old:
         trainer.compute_logprobs(mine, 1.0, args.micro_batch)
-    with Clock(cuda) as train:
+    with STAGE_PEAKS("update"), Clock(cuda) as train:
         trainer.train_step(mine, sampled_nll, args.micro_batch)
     return {
         "sync_s": sync["seconds"],
@@ -157,13 +166,15 @@ def run_rank(rank: int, args: argparse.Namespace, model_path: str, port: int, ou
     else:
         rows = [grpo_step(trainer, rollout, prompts, args) for _ in range(args.iters + 1)][1:]
     gathered: list = [None] * args.nproc
-    dist.all_gather_object(gathered, rows)
+    dist.all_gather_object(gathered, (rows, STAGE_PEAKS.pop()))
     if rank == 0:
-        Path(out).write_text(json.dumps(summary(args, gathered)))
+        result = summary(args, [r for r, _ in gathered])
+        result |= {k: round(v, 2) for k, v in sorted(max_over_ranks([p for _, p in gathered]).items())}
+        Path(out).write_text(json.dumps(result))
 
 
 def summary(args: argparse.Namespace, per_rank: list[list[dict]]) -> dict:
-    """Medians over iterations of the slowest rank's figures, and tokens/s/GPU."""
+    """Medians over iterations of the slowest rank's figures, tokens/s/GPU and step MFU."""
     keys = per_rank[0][0].keys()
     med = {
         k: statistics.median(max(r[i][k] for r in per_rank) for i in range(len(per_rank[0]))) for k in keys
@@ -180,6 +191,7 @@ def summary(args: argparse.Namespace, per_rank: list[list[dict]]) -> dict:
         "prompt_len": args.prompt_len,
         "response_len": args.response_len,
         "check": args.check,
+        "cuda_graphs": args.cuda_graphs,
     }
     result |= {k: round(v, 6) for k, v in med.items()}
     if not args.check:
@@ -188,6 +200,13 @@ def summary(args: argparse.Namespace, per_rank: list[list[dict]]) -> dict:
         result["generated_tokens_per_s_per_gpu"] = round(
             args.batch * args.n * args.response_len / med["gen_s"], 1
         )
+        if args.peak_flops > 0:
+            mfu = step_mfu(args.n_params, result["tokens_per_s_per_gpu"], args.peak_flops, FLOPS_PER_PARAM_TOKEN)
+            result |= {
+                "parameters": args.n_params,
+                "matmul_peak_tflops": round(args.peak_flops / 1e12, 1),
+                "step_mfu": round(mfu, 4),
+            }
     return result
 
 
@@ -210,15 +229,32 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.4)
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 matmul peak; 0: measure it now (GPU)")
     p.add_argument("--check", action="store_true", help="correctness figures instead of throughput")
     p.add_argument("--out", default="", help="write the result JSON here (also printed)")
     return p.parse_args()
+
+
+def n_params(model_path: str) -> int:
+    """Parameters of the model folder's architecture (a tied embedding once), counted on meta."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return count_parameters(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path)))
 
 
 def main() -> None:
     args = parse_args()
     replica_info(0, args.nproc, args.tp)  # T divides N, or say so now
     model_path = build_model(args)
+    args.peak_flops = (
+        args.peak_tflops * 1e12
+        if args.peak_tflops > 0
+        else matmul_peak_flops("cuda") if args.device == "cuda" else 0.0
+    )
+    args.n_params = n_params(model_path)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()  # the ranks need the memory
     out = args.out or os.path.join(args.workdir, f"scaling_n{args.nproc}_t{args.tp}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     mp.spawn(run_rank, args=(args, model_path, free_port(), out), nprocs=args.nproc, join=True)

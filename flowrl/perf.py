@@ -29,13 +29,18 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def step_mfu(n_params: int, tokens_per_s: float, peak_flops: float) -> float:
-    """12 * N * tokens/s over the peak: the step's model FLOPs utilization (0..1)."""
+def step_mfu(
+    n_params: int, tokens_per_s: float, peak_flops: float, flops_per_param_token: int = FLOPS_PER_PARAM_TOKEN
+) -> float:
+    """12 * N * tokens/s over the peak: the step's model FLOPs utilization (0..1).
+
+    A step without a reference model does 10 N FLOPs per token: pass ``flops_per_param_token=10``.
+    """
     if peak_flops <= 0:
         raise ValueError(
             f"step_mfu: peak_flops={peak_flops} must be positive (measure it with matmul_peak_flops)"
         )
-    return FLOPS_PER_PARAM_TOKEN * n_params * tokens_per_s / peak_flops
+    return flops_per_param_token * n_params * tokens_per_s / peak_flops
 
 
 def steady_state(rows: Sequence[dict[str, float]], warmup: int) -> dict[str, float]:

@@ -5,24 +5,33 @@
 # multi-GPU correctness checks: vLLM (T > 1) vs FSDP (N ranks) log-probs in bf16, and the
 # loss / gradient norm of one fixed global batch for every N (loss invariance).
 # Usage: scripts/gpu/bench_scaling.sh OUT_DIR [PART]   (flowrl on PYTHONPATH, vLLM importable)
-# PART: 1.5b | 7b | check | all (default). Each part fits one 10-minute call on x4;
-# summary.json is rebuilt from every <name>.json in OUT_DIR, so parts can run in turn.
+# PART: 1.5b | 7b | check | all (default). Runs that need more GPUs than are visible
+# (CUDA_VISIBLE_DEVICES counts) are left out, and a run whose <name>.json is already in
+# OUT_DIR is kept, not run again: parts, and GPU subsets, can run in turn into one folder;
+# summary.json is rebuilt from every <name>.json there. vLLM runs with CUDA graphs; a run
+# that fails with them is retried once in eager mode (the JSON then says cuda_graphs: false).
 # Writes OUT_DIR/<name>.json and .log per run, OUT_DIR/gpu.txt and OUT_DIR/summary.json.
 set -euo pipefail
 out=${1:?usage: $0 OUT_DIR [1.5b|7b|check|all]}
 part=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_USE_FLASHINFER_SAMPLER=0 NCCL_NVLS_ENABLE=0
-gpus=$(nvidia-smi -L | wc -l)
+gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 common=(--device cuda --dtype bfloat16 --prompt-len 256 --response-len 512 --n 4
         --micro-batch 8 --gradient-checkpointing --gpu-memory-utilization 0.45 --iters 2
         --workdir /tmp/flowrl-bench)
+bench() {  # name, flags...
+  local name=$1; shift
+  python3 bench/bench_scaling.py "${common[@]}" "$@" --out "$out/$name.json" 2>&1 \
+    | grep -v " INFO \| WARNING \|it/s\]" >> "$out/$name.log"
+}
 run() {  # name, flags...
   local name=$1; shift
-  echo "== $name: $*"
-  python3 bench/bench_scaling.py "${common[@]}" "$@" --out "$out/$name.json" 2>&1 \
-    | grep -v " INFO \| WARNING \|it/s\]" > "$out/$name.log" || echo "FAILED: $name (see $name.log)"
+  if [ -s "$out/$name.json" ]; then echo "== $name: kept from an earlier run"; return; fi
+  echo "== $name: $*  ($(date +%T))"
+  bench "$name" --cuda-graphs "$@" || { echo "retrying $name in eager mode"; bench "$name" "$@"; } \
+    || echo "FAILED: $name (see $name.log)"
   cat "$out/$name.json" 2>/dev/null; echo
 }
 fits() { [ "$1" -le "$gpus" ]; }
@@ -39,9 +48,7 @@ if [ "$part" = 7b ] || [ "$part" = all ]; then
   if fits 4; then run "7b_n4_t4" --shape qwen2.5-7b --batch 8 --nproc 4 --tp 4; fi
 fi
 if [ "$part" = check ] || [ "$part" = all ]; then
-  for n in 1 2 4; do
-    if fits "$n"; then run "check_1.5b_n${n}_t1" --shape qwen2.5-1.5b --batch 16 --nproc "$n" --tp 1 --check; fi
-  done
+  run "check_1.5b_n1_t1" --shape qwen2.5-1.5b --batch 16 --nproc 1 --tp 1 --check
   if fits 2; then run "check_1.5b_n2_t2" --shape qwen2.5-1.5b --batch 16 --nproc 2 --tp 2 --check; fi
   if fits 4; then run "check_1.5b_n4_t2" --shape qwen2.5-1.5b --batch 16 --nproc 4 --tp 2 --check; fi
 fi
