@@ -201,7 +201,9 @@ def summary(args: argparse.Namespace, per_rank: list[list[dict]]) -> dict:
             args.batch * args.n * args.response_len / med["gen_s"], 1
         )
         if args.peak_flops > 0:
-            mfu = step_mfu(args.n_params, result["tokens_per_s_per_gpu"], args.peak_flops, FLOPS_PER_PARAM_TOKEN)
+            mfu = step_mfu(
+                args.n_params, result["tokens_per_s_per_gpu"], args.peak_flops, FLOPS_PER_PARAM_TOKEN
+            )
             result |= {
                 "parameters": args.n_params,
                 "matmul_peak_tflops": round(args.peak_flops / 1e12, 1),
@@ -250,7 +252,9 @@ def main() -> None:
     args.peak_flops = (
         args.peak_tflops * 1e12
         if args.peak_tflops > 0
-        else matmul_peak_flops("cuda") if args.device == "cuda" else 0.0
+        else matmul_peak_flops("cuda")
+        if args.device == "cuda"
+        else 0.0
     )
     args.n_params = n_params(model_path)
     if args.device == "cuda":
