@@ -119,6 +119,12 @@ def check(trainer: FSDPEngine, rollout: VLLMRollout, prompts: Batch, args: argpa
     sync_weights(trainer, rollout, args.bucket_mb << 20)
     samples = rollout.generate(prompts, n=args.n, temperature=1.0, max_tokens=args.response_len)
     rollout.sleep(level=1)
+    drawn: list = [None] * world  # every rank's responses: the T ranks of a replica must agree
+    dist.all_gather_object(drawn, samples[Keys.RESPONSE_IDS].tolist())
+    replica = replica_info(rank, world, args.tp).replica
+    agree = all(
+        drawn[r] == drawn[rank] for r in range(world) if replica_info(r, world, args.tp).replica == replica
+    )
     logprobs, _ = trainer.compute_logprobs(samples, 1.0, args.micro_batch)  # [B, R]
     mask = samples[Keys.RESPONSE_MASK] > 0
     gap = (logprobs - samples[Keys.ROLLOUT_LOGPROBS]).abs()[mask]
@@ -127,6 +133,7 @@ def check(trainer: FSDPEngine, rollout: VLLMRollout, prompts: Batch, args: argpa
     metrics = trainer.accumulate_gradients(my_rows(fixed, rank, world), sampled_nll, args.micro_batch)
     metrics |= trainer.optimizer_step()
     return {
+        "replica_samples_differ": float(not agree),  # 1 if any replica's ranks drew different tokens
         "logprob_gap_mean": float(gap.mean()),
         "logprob_gap_max": float(gap.max()),
         "prob_ratio_err_mean": float((ratio - 1).abs().mean()),

@@ -67,7 +67,9 @@ class VLLMRolloutConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"VLLMRolloutConfig.dtype={self.dtype!r}: choose one of {list(DTYPES)}")
         if self.tensor_parallel_size < 1:
-            raise ValueError(f"VLLMRolloutConfig.tensor_parallel_size={self.tensor_parallel_size} must be >= 1")
+            raise ValueError(
+                f"VLLMRolloutConfig.tensor_parallel_size={self.tensor_parallel_size} must be >= 1"
+            )
 
 
 class ReplicaInfo(NamedTuple):
@@ -209,12 +211,17 @@ class VLLMRollout:
         their draws differed, their sequences (and so their batches) would drift apart and
         the replica would compute garbage or hang in a collective. The caller's RNG state
         differs between ranks (the trainer draws on it), so seed from (seed, call count)
-        and give the caller its own state back.
+        and give the caller its own state back. Every generator vLLM may draw from is
+        seeded: torch's (the CPU runner samples with it) and NumPy's (the GPU model runner
+        gives each request without a seed one drawn from ``np.random``); Python's too.
         """
         if self.config.tensor_parallel_size == 1:
             return self.llm.generate(requests, params, use_tqdm=False)
         caller = _CallerState.capture()
-        torch.manual_seed(self.config.seed * 1_000_003 + self._calls)  # also seeds every CUDA device
+        seed = self.config.seed * 1_000_003 + self._calls
+        torch.manual_seed(seed)  # also seeds every CUDA device
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
         self._calls += 1
         try:
             return self.llm.generate(requests, params, use_tqdm=False)

@@ -121,3 +121,44 @@ def test_response_fields_pad_mask_and_truncation() -> None:
     assert torch.equal(fields[Keys.ROLLOUT_LOGPROBS], want)
     assert fields[Keys.TRUNCATED].tolist() == [False, True]
     assert fields[Keys.FINISH_REASON] == ["stop", "length"]
+
+
+class DrawingEngine:
+    """Stands in for ``vllm.LLM`` in the seeding test: each generate draws from every RNG vLLM may use."""
+
+    def generate(self, requests: list, params: object, use_tqdm: bool) -> list:
+        import random
+
+        import numpy as np
+
+        return [torch.rand(3).tolist(), np.random.randint(0, 2**62, size=3).tolist(), random.random()]
+
+
+def _replica_rank_draws(caller_seed: int) -> tuple[list, list, bool]:
+    """Two generate calls of a T=2 rollout whose caller's RNGs were seeded with ``caller_seed``."""
+    import random
+
+    import numpy as np
+
+    from flowrl.engines.vllm_rollout import VLLMRollout, VLLMRolloutConfig
+
+    rollout = object.__new__(VLLMRollout)
+    rollout.config, rollout.llm, rollout._calls = (
+        VLLMRolloutConfig(model_path="-", seed=7, tensor_parallel_size=2),
+        DrawingEngine(),
+        0,
+    )
+    torch.manual_seed(caller_seed), np.random.seed(caller_seed), random.seed(caller_seed)
+    expected = (torch.rand(1).item(), np.random.rand(), random.random())
+    torch.manual_seed(caller_seed), np.random.seed(caller_seed), random.seed(caller_seed)
+    first, second = rollout._sample([], None), rollout._sample([], None)
+    untouched = (torch.rand(1).item(), np.random.rand(), random.random()) == expected
+    return first, second, untouched
+
+
+def test_replica_ranks_seed_every_rng_vllm_draws_from() -> None:
+    """The GPU model runner seeds unseeded requests from NumPy: every RNG must agree across a replica."""
+    rank0, rank1 = _replica_rank_draws(100), _replica_rank_draws(101)  # the trainers' RNGs differ
+    assert rank0[:2] == rank1[:2]  # same draws, call by call, from torch, NumPy and Python
+    assert rank0[0] != rank0[1]  # each call draws anew
+    assert rank0[2] and rank1[2]  # the caller's generators are given back as they were
