@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt
 out = sys.argv[1]
 rows = [json.loads(l) for l in open(f"{out}/metrics.jsonl")]
 train = [r for r in rows if "reward/mean" in r]
-evals = [(r["step"], r["val/accuracy"]) for r in rows if "val/accuracy" in r]
+evals = sorted({r["step"]: r["val/accuracy"] for r in rows if "val/accuracy" in r}.items())  # the last step's eval once
 before = next(r["val/accuracy_before"] for r in rows if "val/accuracy_before" in r)
 def med(key, part=train):
     vals = [r[key] for r in part if key in r]
