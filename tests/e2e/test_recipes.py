@@ -51,9 +51,19 @@ def test_recipe_two_steps(algo, assets, tmp_path):
     assert all(r["actor/first_ppo_kl"] == 0.0 and r["actor/first_clipfrac"] == 0.0 for r in steps)
     # the sampler's and the trainer's log-probs agree (fp32, CPU)
     assert all(r["rollout/logprob_diff_max"] < 1e-3 for r in steps)
-    for key in ("reward/mean", "response_length/mean", "response_length/clip_ratio", "actor/grad_norm",
-                "actor/lr", "actor/pg_loss", "actor/entropy", "timing/generate", "perf/weight_sync_s",
-                "perf/tokens_per_s", "advantages/mean"):
+    for key in (
+        "reward/mean",
+        "response_length/mean",
+        "response_length/clip_ratio",
+        "actor/grad_norm",
+        "actor/lr",
+        "actor/pg_loss",
+        "actor/entropy",
+        "timing/generate",
+        "perf/weight_sync_s",
+        "perf/tokens_per_s",
+        "advantages/mean",
+    ):
         assert key in steps[0], key
     # the last step is checkpointed by default (trainer.save_every=0), with the critic's state for PPO
     saved = find_latest(tmp_path / "run" / "checkpoints")
@@ -64,3 +74,41 @@ def test_recipe_two_steps(algo, assets, tmp_path):
         assert "kl_reward/kl" in steps[0] and "kl_ref/k1" in steps[0]
     if algo == "remax":
         assert "remax/baseline_mean" in steps[0]
+
+
+def test_grpo_with_a_tensor_parallel_rollout(assets, tmp_path):
+    """The 2 Ray workers form ONE vLLM replica of T=2: each rollout is dispatched to both and collected once.
+
+    Real Ray, FSDP2 and vLLM with tensor parallelism on CPU, unseeded requests
+    (``rollout.seed_per_prompt=false``). The sampler's log-probs match the trainer's only
+    if the sync reached both shards and the two ranks drew the same tokens.
+    (`tests/integration/test_tensor_parallel_rollout.py` pushes the ranks' RNGs apart on
+    purpose; here both workers start alike.)
+    """
+    import importlib
+    import json
+
+    model, splits = assets
+    cfg = load_config(
+        "recipes/grpo_arithmetic_tiny.yaml",
+        [
+            f"actor.model.path={model}",
+            f"data.train_files=[{splits['train']}]",
+            f"data.val_files=[{splits['test']}]",
+            f"trainer.run_dir={tmp_path / 'run'}",
+            "trainer.total_steps=2",
+            "trainer.loggers=[jsonl]",
+            "data.val_max_samples=16",
+            "rollout.tensor_parallel_size=2",
+            "rollout.seed_per_prompt=false",
+        ],
+    )
+    assert cfg.trainer.num_workers == 2
+    importlib.import_module(DRIVERS["grpo"]).main(cfg)
+    steps = [r for r in read_metrics(str(tmp_path / "run")) if "actor/ppo_kl" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["rollout/logprob_diff_max"] < 1e-3 for r in steps)
+    assert all(r["actor/first_ppo_kl"] == 0.0 for r in steps)
+    with open(tmp_path / "run" / "val_samples.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 16  # collected once per replica, not once per rank
