@@ -72,6 +72,7 @@ class ActorConfig:
     policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
     entropy_coef: float = 0.0  # weight of the entropy bonus in the actor loss
+    log_entropy: bool = True  # log actor/entropy from the old-log-prob pass (a softmax over the vocabulary)
     use_kl_loss: bool = False  # KL to the reference as a loss term (GRPO style)
     kl_loss_coef: float = 0.001  # weight of the KL loss term (with use_kl_loss)
     kl_loss_type: str = "k3"  # k1 | k2 | k3 | abs
@@ -223,7 +224,9 @@ def validate(cfg: Any, where: str = "config") -> None:
     _check(t.total_steps >= 1, where, f"trainer.total_steps={t.total_steps} must be >= 1")
     _check(t.save_every >= -1, where, f"trainer.save_every={t.save_every} must be >= 0 (or -1: never save)")
     _check(t.keep_last >= 1, where, f"trainer.keep_last={t.keep_last} must be >= 1 (checkpoints kept)")
-    _check(t.max_bad_steps >= 0, where, f"trainer.max_bad_steps={t.max_bad_steps} must be >= 0 (0: never stop)")
+    _check(
+        t.max_bad_steps >= 0, where, f"trainer.max_bad_steps={t.max_bad_steps} must be >= 0 (0: never stop)"
+    )
     _check(bool(t.resume), where, "trainer.resume is empty: use disable, auto or a checkpoint folder")
     rollout_size = cfg.data.train_batch_size * r.n
     _check(
@@ -252,7 +255,9 @@ def validate(cfg: Any, where: str = "config") -> None:
         f"actor.policy_loss.dual_clip_c={pl.dual_clip_c} must be > 1 (or null to disable)",
     )
     _check(r.temperature > 0, where, f"rollout.temperature={r.temperature} must be > 0 for training")
-    _check(bool(cfg.data.train_files), where, "data.train_files is empty: name at least one parquet/JSONL file")
+    _check(
+        bool(cfg.data.train_files), where, "data.train_files is empty: name at least one parquet/JSONL file"
+    )
     _check(bool(a.model.path), where, "actor.model.path is not set: name a Hugging Face model folder")
     _check(
         not cfg.critic.enable or bool(cfg.critic.model.path),
@@ -290,7 +295,11 @@ def _check_placement(cfg: Any, where: str) -> None:
             f"placement.separate lists {role!r}; roles that can have their own workers: "
             f"{', '.join(SEPARABLE_ROLES)}",
         )
-    _check(len(set(p.separate)) == len(p.separate), where, f"placement.separate={list(p.separate)} repeats a role")
+    _check(
+        len(set(p.separate)) == len(p.separate),
+        where,
+        f"placement.separate={list(p.separate)} repeats a role",
+    )
     _check(
         "critic" not in p.separate or cfg.critic.enable,
         where,

@@ -38,7 +38,9 @@ class ActorRollout(Worker):
         self.cfg: DictConfig = as_config(config)
         self.init_distributed()
         torch.manual_seed(self.cfg.trainer.seed)
-        self.trainer = build_fsdp_engine(self.cfg, self.cfg.actor.model, self.cfg.actor.optim, value_head=False)
+        self.trainer = build_fsdp_engine(
+            self.cfg, self.cfg.actor.model, self.cfg.actor.optim, value_head=False
+        )
         self.rollout = build_rollout(self.cfg, self.rank)
         self.tokenizer = self.rollout.llm.get_tokenizer()
         self.loss_cfg = PolicyLossConfig(**self.cfg.actor.policy_loss)
@@ -72,7 +74,8 @@ class ActorRollout(Worker):
             self.rollout.sleep()  # GPU: free vLLM's weights and KV cache for training (no-op on CPU)
         ids, mask = out[Keys.RESPONSE_IDS], out[Keys.RESPONSE_MASK]
         out[Keys.RESPONSE_TEXT] = [
-            self.tokenizer.decode(row[: int(m.sum())].tolist(), skip_special_tokens=True) for row, m in zip(ids, mask)
+            self.tokenizer.decode(row[: int(m.sum())].tolist(), skip_special_tokens=True)
+            for row, m in zip(ids, mask)
         ]
         return out
 
@@ -90,12 +93,19 @@ class ActorRollout(Worker):
     # ---- training --------------------------------------------------------------------
     @register(Dispatch.DP_ALL_RANKS)
     def compute_logprobs(self, batch: Batch) -> Batch:
-        """The policy's log-probs (and entropies) of the responses before the update."""
+        """The policy's log-probs (and, with ``actor.log_entropy``, entropies) before the update."""
+        with_entropy = self.cfg.actor.log_entropy
         with STAGE_PEAKS("old_logprobs"):
             logprobs, entropy = self.trainer.compute_logprobs(
-                batch, self.cfg.rollout.temperature, self.cfg.actor.micro_batch_size, with_entropy=True
+                batch,
+                self.cfg.rollout.temperature,
+                self.cfg.actor.micro_batch_size,
+                with_entropy=with_entropy,
             )
-        return Batch({Keys.OLD_LOGPROBS: logprobs, Keys.ENTROPY: entropy})
+        out = Batch({Keys.OLD_LOGPROBS: logprobs})
+        if with_entropy:
+            out[Keys.ENTROPY] = entropy
+        return out
 
     @register(Dispatch.DP_ALL_RANKS)
     def update(self, batch: Batch) -> list[Metrics]:
@@ -113,12 +123,19 @@ class ActorRollout(Worker):
                     history.append({f"actor/{k}": v for k, v in metrics.items()})
         return history
 
-    def _loss(self, micro: Batch, out: dict[str, torch.Tensor], norm: Normalizer) -> tuple[torch.Tensor, Metrics]:
+    def _loss(
+        self, micro: Batch, out: dict[str, torch.Tensor], norm: Normalizer
+    ) -> tuple[torch.Tensor, Metrics]:
         a = self.cfg.actor
         mask = micro[Keys.RESPONSE_MASK]  # [b, R]
         rollout_lp = micro[Keys.ROLLOUT_LOGPROBS] if Keys.ROLLOUT_LOGPROBS in micro else None
         pg, metrics = compute_policy_loss(
-            out[Keys.LOGPROBS], micro[Keys.OLD_LOGPROBS], micro[Keys.ADVANTAGES], mask, self.loss_cfg, rollout_lp
+            out[Keys.LOGPROBS],
+            micro[Keys.OLD_LOGPROBS],
+            micro[Keys.ADVANTAGES],
+            mask,
+            self.loss_cfg,
+            rollout_lp,
         )  # [b, R]
         loss = pg
         if a.entropy_coef != 0.0:

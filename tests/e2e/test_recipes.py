@@ -101,6 +101,7 @@ def test_grpo_with_a_tensor_parallel_rollout(assets, tmp_path):
             "data.val_max_samples=16",
             "rollout.tensor_parallel_size=2",
             "rollout.seed_per_prompt=false",
+            "actor.log_entropy=false",  # and no entropy pass: the metric goes, the rest stays
         ],
     )
     assert cfg.trainer.num_workers == 2
@@ -109,6 +110,7 @@ def test_grpo_with_a_tensor_parallel_rollout(assets, tmp_path):
     assert [r["step"] for r in steps] == [1, 2]
     assert all(r["rollout/logprob_diff_max"] < 1e-3 for r in steps)
     assert all(r["actor/first_ppo_kl"] == 0.0 for r in steps)
+    assert all("actor/entropy" not in r and "actor/pg_loss" in r for r in steps)
     with open(tmp_path / "run" / "val_samples.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == 16  # collected once per replica, not once per rank
