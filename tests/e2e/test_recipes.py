@@ -23,24 +23,26 @@ def assets(tmp_path_factory):
     return root / "model", write_splits(root / "data", n_train=64, n_test=16, level=1, seed=0)
 
 
+def two_steps_on(assets, run_dir) -> list[str]:
+    """Overrides for a 2-step run of a tiny recipe on the assets' model and data."""
+    model, splits = assets
+    return [
+        f"actor.model.path={model}",
+        f"critic.model.path={model}",
+        f"data.train_files=[{splits['train']}]",
+        f"data.val_files=[{splits['test']}]",
+        f"trainer.run_dir={run_dir}",
+        "trainer.total_steps=2",
+        "trainer.loggers=[jsonl]",
+        "data.val_max_samples=16",
+    ]
+
+
 @pytest.mark.parametrize("algo", RECIPES)
 def test_recipe_two_steps(algo, assets, tmp_path):
     import importlib
 
-    model, splits = assets
-    cfg = load_config(
-        f"recipes/{algo}_arithmetic_tiny.yaml",
-        [
-            f"actor.model.path={model}",
-            f"critic.model.path={model}",
-            f"data.train_files=[{splits['train']}]",
-            f"data.val_files=[{splits['test']}]",
-            f"trainer.run_dir={tmp_path / 'run'}",
-            "trainer.total_steps=2",
-            "trainer.loggers=[jsonl]",
-            "data.val_max_samples=16",
-        ],
-    )
+    cfg = load_config(f"recipes/{algo}_arithmetic_tiny.yaml", two_steps_on(assets, tmp_path / "run"))
     assert cfg.trainer.algorithm == algo
     result = importlib.import_module(DRIVERS[algo]).main(cfg)
     assert 0.0 <= result["val/accuracy"] <= 1.0 and "val/accuracy_before" in result
@@ -88,17 +90,10 @@ def test_grpo_with_a_tensor_parallel_rollout(assets, tmp_path):
     import importlib
     import json
 
-    model, splits = assets
     cfg = load_config(
         "recipes/grpo_arithmetic_tiny.yaml",
         [
-            f"actor.model.path={model}",
-            f"data.train_files=[{splits['train']}]",
-            f"data.val_files=[{splits['test']}]",
-            f"trainer.run_dir={tmp_path / 'run'}",
-            "trainer.total_steps=2",
-            "trainer.loggers=[jsonl]",
-            "data.val_max_samples=16",
+            *two_steps_on(assets, tmp_path / "run"),
             "rollout.tensor_parallel_size=2",
             "rollout.seed_per_prompt=false",
             "actor.log_entropy=false",  # and no entropy pass: the metric goes, the rest stays
