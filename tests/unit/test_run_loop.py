@@ -96,11 +96,12 @@ def test_nan_steps_are_counted_and_stop_the_run_after_max_in_a_row(tmp_path, bui
 
 
 def test_ctrl_c_finishes_the_step_saves_and_stops(tmp_path, built):
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup/background shells
     with pytest.raises(RunInterrupted, match=r"after step 2; checkpoint .*step_00000002"):
         steps.run(config(tmp_path), step_fn(interrupt_at=2))
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1, 2]
     assert find_latest(tmp_path / "checkpoints").step == 2 and built[0].closed
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the run's handler is gone again
 
     result = steps.run(config(tmp_path, "trainer.resume=auto"), step_fn())
     assert result == {} and built[1].actor.weights == 5.0  # 2 restored + 3 more steps
