@@ -128,6 +128,7 @@ class TrainerConfig:
     resume: str = "disable"  # disable | auto (newest checkpoint in run_dir, if any) | a checkpoint folder
     save_on_interrupt: bool = True  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
     max_bad_steps: int = 3  # stop after this many steps in a row with a NaN/Inf loss or gradient; 0: never
+    hang_timeout_s: float = 1800.0  # once one rank of a call returned, the others get this long; 0: no limit
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])  # + tensorboard, wandb
     quiet: bool = False  # no progress bar or console lines (metrics.jsonl and other sinks still written)
     save_policy: bool = True  # the final policy as a Hugging Face folder in RUN_DIR/policy
@@ -226,6 +227,9 @@ def validate(cfg: Any, where: str = "config") -> None:
     _check(t.keep_last >= 1, where, f"trainer.keep_last={t.keep_last} must be >= 1 (checkpoints kept)")
     _check(
         t.max_bad_steps >= 0, where, f"trainer.max_bad_steps={t.max_bad_steps} must be >= 0 (0: never stop)"
+    )
+    _check(
+        t.hang_timeout_s >= 0, where, f"trainer.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0: no limit)"
     )
     _check(bool(t.resume), where, "trainer.resume is empty: use disable, auto or a checkpoint folder")
     rollout_size = cfg.data.train_batch_size * r.n

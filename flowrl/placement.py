@@ -46,12 +46,14 @@ def place_workers(cfg: DictConfig, roles: Mapping[str, type[Worker]]) -> dict[st
     p, t = cfg.placement, cfg.trainer
     separate = {ROLE_OF[name] for name in p.separate}
     shared = {role: cls for role, cls in roles.items() if role not in separate}
-    pool = ResourcePool(t.num_workers, use_gpu=t.use_gpu, num_cpus_per_bundle=p.cpus_per_worker, nnodes=p.nnodes)
-    groups = WorkerGroup.colocated(pool, shared)
+    pool = ResourcePool(
+        t.num_workers, use_gpu=t.use_gpu, num_cpus_per_bundle=p.cpus_per_worker, nnodes=p.nnodes
+    )
+    groups = WorkerGroup.colocated(pool, shared, hang_timeout_s=t.hang_timeout_s)
     for role, cls in roles.items():
         if role in separate:
             own = ResourcePool(p.separate_workers, use_gpu=t.use_gpu, num_cpus_per_bundle=p.cpus_per_worker)
-            groups |= WorkerGroup.colocated(own, {role: cls})
+            groups |= WorkerGroup.colocated(own, {role: cls}, hang_timeout_s=t.hang_timeout_s)
     return groups
 
 

@@ -36,6 +36,11 @@ class Processes:
     call are still running ``failure_grace_s`` later (typically blocked in a collective
     that the failed rank never joined), every actor is killed so nothing hangs; later
     calls then raise at once. A failure that all ranks share leaves the group usable.
+
+    Hangs: with ``hang_timeout_s``, once one rank of a call has returned, the others get
+    that long to return too. Ranks of one call run in step (they meet in collectives), so
+    ranks still running long after a peer returned are stuck (a collective the others
+    left, a deadlock): the group is killed and the call raises, naming the stuck ranks.
     """
 
     def __init__(
@@ -45,12 +50,14 @@ class Processes:
         env: Mapping[str, str] | None,
         failure_grace_s: float,
         start_timeout_s: float,
+        hang_timeout_s: float | None = None,
     ) -> None:
         names = "+".join(cls.__name__ for cls, _, _ in roles.values())
         pool.claim(f"group {names}")
         self.pool = pool
         self.world_size = pool.num_bundles
         self.failure_grace_s = failure_grace_s
+        self.hang_timeout_s = hang_timeout_s or None  # 0 or None: no limit
         self.dead: str | None = None
         host: Any = ray.remote(WorkerHost)
         self.actors: list[Any] = [
@@ -104,22 +111,40 @@ class Processes:
         pending = {ref: rank for rank, ref in refs.items()}
         results: dict[int, Any] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
+        hang_deadline = None  # set when the first rank returns
         while pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            limits = [t - time.monotonic() for t in (deadline, hang_deadline) if t is not None]
+            left = max(0.0, min(limits)) if limits else None
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
             if not ready:
-                ranks = sorted(pending.values())
-                self.kill(f"{info.label} timed out")
-                raise WorkerError(
-                    f"{info.label}: ranks {ranks} did not answer within {timeout:g} s; "
-                    "the group was shut down"
-                )
+                raise self._timed_out(info, sorted(pending.values()), sorted(results), timeout, deadline)
+            if hang_deadline is None and self.hang_timeout_s is not None:
+                hang_deadline = time.monotonic() + self.hang_timeout_s
             rank = pending.pop(ready[0])
             try:
                 results[rank] = ray.get(ready[0])
             except RayError as e:
                 raise self._fail(_as_worker_error(e, rank, self.world_size, info), pending) from None
         return results
+
+    def _timed_out(
+        self, info: CallInfo, stuck: list[int], done: list[int], timeout: float | None, deadline: float | None
+    ) -> WorkerError:
+        """Kill the group; the error for a call that ran out of time (``timeout``) or hung."""
+        if deadline is not None and time.monotonic() >= deadline:
+            self.kill(f"{info.label} timed out")
+            return WorkerError(
+                f"{info.label}: ranks {stuck} did not answer within {timeout:g} s; the group was shut down"
+            )
+        self.kill(f"{info.label} hung")
+        return WorkerError(
+            f"{info.label}: ranks {stuck} were still running {self.hang_timeout_s:g} s after ranks "
+            f"{done} had returned (hang_timeout_s); they are probably stuck, e.g. in a collective "
+            "that the other ranks left or in a deadlock. The group was shut down.",
+            method=info.method,
+            role=info.role,
+            rank=stuck[0],
+        )
 
     def _fail(self, error: WorkerError, pending: dict[ray.ObjectRef, int]) -> WorkerError:
         """Decide what the failure means for the other ranks; returns the error to raise."""

@@ -45,9 +45,12 @@ class WorkerGroup:
         env: Mapping[str, str] | None = None,
         failure_grace_s: float = 3.0,
         start_timeout_s: float = 300.0,
+        hang_timeout_s: float | None = None,
     ) -> None:
         spec = _role_spec(worker_cls.__name__, (worker_cls, args, dict(kwargs or {})))
-        procs = Processes(pool, {worker_cls.__name__: spec}, env, failure_grace_s, start_timeout_s)
+        procs = Processes(
+            pool, {worker_cls.__name__: spec}, env, failure_grace_s, start_timeout_s, hang_timeout_s
+        )
         self._attach(procs, worker_cls.__name__, worker_cls)
 
     @classmethod
@@ -59,6 +62,7 @@ class WorkerGroup:
         env: Mapping[str, str] | None = None,
         failure_grace_s: float = 3.0,
         start_timeout_s: float = 300.0,
+        hang_timeout_s: float | None = None,
     ) -> dict[str, WorkerGroup]:
         """Several roles in one process per bundle; returns one group view per role.
 
@@ -68,7 +72,7 @@ class WorkerGroup:
         devices and its ``torch.distributed`` world; shutting one view down stops them all.
         """
         specs = {role: _role_spec(role, spec) for role, spec in roles.items()}
-        procs = Processes(pool, specs, env, failure_grace_s, start_timeout_s)
+        procs = Processes(pool, specs, env, failure_grace_s, start_timeout_s, hang_timeout_s)
         views = {}
         for role, (worker_cls, _, _) in specs.items():
             view = cls.__new__(cls)

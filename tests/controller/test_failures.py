@@ -134,3 +134,29 @@ def test_constructor_failure_and_process_death(cluster):
     with pytest.raises(WorkerError, match=r"Fragile\.crash .* rank 0 of 1: its worker process died"):
         group.crash()
     assert time.monotonic() - t0 < 30
+
+
+class Napper(Worker):
+    @register(Dispatch.ONE_TO_ALL)
+    def nap(self, seconds_by_rank: list[float]) -> int:
+        time.sleep(seconds_by_rank[self.rank])
+        return self.rank
+
+
+@pytest.mark.timeout(90)
+def test_a_rank_that_hangs_while_alive_is_named_and_the_group_stopped(cluster):
+    group = WorkerGroup(ResourcePool(2, num_cpus_per_bundle=0.5), Napper, hang_timeout_s=3.0)
+    assert group.nap([0.0, 1.0]) == [0, 1]  # a peer 1 s late is within the limit
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        group.nap([0.0, 600.0])  # rank 1 never comes back
+    elapsed = time.monotonic() - t0
+    message = str(info.value)
+    assert (
+        "Napper.nap (role 'Napper'): ranks [1] were still running 3 s after ranks [0] had returned" in message
+    )
+    assert info.value.rank == 1 and info.value.method == "nap"
+    assert 3.0 <= elapsed < 20, f"the hang took {elapsed:.1f} s to surface"
+    with pytest.raises(WorkerError, match="was shut down"):
+        group.nap([0.0, 0.0])
+    group.pool.shutdown()
