@@ -73,6 +73,7 @@ CONFIG_CASES = {
     "unknown_choice": (["actor.loss_agg_mode=mean"], "actor.loss_agg_mode='mean' is not one of"),
     "unknown_algorithm": (["trainer.algorithm=dpo"], "trainer.algorithm='dpo': known drivers are"),
     "keep_last_zero": (["trainer.keep_last=0"], "trainer.keep_last=0 must be >= 1"),
+    "hang_timeout_negative": (["trainer.hang_timeout_s=-1"], "trainer.hang_timeout_s=-1.0 must be >= 0"),
 }
 
 
