@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Scaling of the hybrid engine on the GPUs of one host (x2 or x4): FSDP2 over N GPUs, vLLM
-# with tensor_parallel_size T, fixed per-GPU batch. Qwen2.5-1.5B shape at N = 1, 2, 4
-# (T = 1), Qwen2.5-7B shape at N = 2, 4 with T = 2 (and T = 4 on four GPUs); then the
+# Scaling of the hybrid engine on the GPUs of one host (2, 4 or 8): FSDP2 over N GPUs, vLLM
+# with tensor_parallel_size T, fixed per-GPU batch. Qwen2.5-1.5B shape at N = 1, 2, 4, 8
+# (T = 1), Qwen2.5-7B shape at N = 2, 4, 8 with T = 2 (and T = 4 on four GPUs); then the
 # multi-GPU correctness checks: vLLM (T > 1) vs FSDP (N ranks) log-probs in bf16, and the
 # loss / gradient norm of one fixed global batch for every N (loss invariance).
 # Usage: scripts/gpu/bench_scaling.sh OUT_DIR [PART]   (flowrl on PYTHONPATH, vLLM importable)
@@ -36,13 +36,13 @@ run() {  # name, flags...
 }
 fits() { [ "$1" -le "$gpus" ]; }
 if [ "$part" = 1.5b ] || [ "$part" = all ]; then
-  for n in 1 2 4; do
+  for n in 1 2 4 8; do
     if fits "$n"; then run "1.5b_n${n}_t1" --shape qwen2.5-1.5b --batch 16 --nproc "$n" --tp 1; fi
   done
   if fits 2; then run "1.5b_n2_t2" --shape qwen2.5-1.5b --batch 16 --nproc 2 --tp 2; fi
 fi
 if [ "$part" = 7b ] || [ "$part" = all ]; then
-  for n in 2 4; do
+  for n in 2 4 8; do
     if fits "$n"; then run "7b_n${n}_t2" --shape qwen2.5-7b --batch 8 --nproc "$n" --tp 2; fi
   done
   if fits 4; then run "7b_n4_t4" --shape qwen2.5-7b --batch 8 --nproc 4 --tp 4; fi
@@ -51,6 +51,7 @@ if [ "$part" = check ] || [ "$part" = all ]; then
   run "check_1.5b_n1_t1" --shape qwen2.5-1.5b --batch 16 --nproc 1 --tp 1 --check
   if fits 2; then run "check_1.5b_n2_t2" --shape qwen2.5-1.5b --batch 16 --nproc 2 --tp 2 --check; fi
   if fits 4; then run "check_1.5b_n4_t2" --shape qwen2.5-1.5b --batch 16 --nproc 4 --tp 2 --check; fi
+  if fits 8; then run "check_1.5b_n8_t2" --shape qwen2.5-1.5b --batch 16 --nproc 8 --tp 2 --check; fi
 fi
 python3 - "$out" <<'PY'
 import glob, json, os, sys
@@ -62,8 +63,9 @@ for name, r in runs.items():
     if base and name.startswith("1.5b_") and "tokens_per_s_per_gpu" in r:
         r["scaling_efficiency"] = round(r["tokens_per_s_per_gpu"] / base, 3)
 b7 = runs.get("7b_n2_t2", {}).get("tokens_per_s_per_gpu")
-if b7 and "7b_n4_t2" in runs:
-    runs["7b_n4_t2"]["scaling_efficiency_vs_n2"] = round(runs["7b_n4_t2"]["tokens_per_s_per_gpu"] / b7, 3)
+for name in ("7b_n4_t2", "7b_n8_t2"):
+    if b7 and name in runs:
+        runs[name]["scaling_efficiency_vs_n2"] = round(runs[name]["tokens_per_s_per_gpu"] / b7, 3)
 norms = {k: v["fixed_batch_grad_norm"] for k, v in runs.items() if k.startswith("check_")}
 if norms:
     ref = next(iter(norms.values()))
