@@ -163,15 +163,6 @@ def build_model(work: Path, shape: str, device: str) -> Path:
     return work / shape
 
 
-def n_params(model: Path) -> int:
-    """Parameters of the model folder (a tied embedding once), counted on the meta device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
-    return sum(p.numel() for p in meta.parameters())
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen2.5-0.5b", help="a Qwen2.5 shape, or 'tiny' (the test model)")
@@ -194,7 +185,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    from flowrl.perf import matmul_peak_flops
+    from flowrl.perf import count_folder_parameters, matmul_peak_flops
 
     args = parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -213,7 +204,7 @@ def main() -> None:
         work / f"prompts_{args.prompt_len}.parquet", args.prompts * args.steps, args.prompt_len, 0
     )
     rows = run_steps(args, model, data, work / f"run_{args.shape}")
-    result = summarize(args, rows, peak, n_params(model))
+    result = summarize(args, rows, peak, count_folder_parameters(model))
     print(json.dumps(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -47,7 +47,7 @@ from flowrl.engines.optim import OptimizerConfig
 from flowrl.engines.sync import sync_weights
 from flowrl.engines.vllm_rollout import VLLMRollout, VLLMRolloutConfig, replica_info
 from flowrl.keys import Keys
-from flowrl.perf import count_parameters, matmul_peak_flops, step_mfu
+from flowrl.perf import count_folder_parameters, matmul_peak_flops, step_mfu
 
 FLOPS_PER_PARAM_TOKEN = 10  # this step has no reference model: generation 2 + old log-probs 2 + update 6
 
@@ -244,14 +244,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def n_params(model_path: str) -> int:
-    """Parameters of the model folder's architecture (a tied embedding once), counted on meta."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return count_parameters(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path)))
-
-
 def main() -> None:
     args = parse_args()
     replica_info(0, args.nproc, args.tp)  # T divides N, or say so now
@@ -263,7 +255,7 @@ def main() -> None:
         if args.device == "cuda"
         else 0.0
     )
-    args.n_params = n_params(model_path)
+    args.n_params = count_folder_parameters(model_path)
     if args.device == "cuda":
         torch.cuda.empty_cache()  # the ranks need the memory
     out = args.out or os.path.join(args.workdir, f"scaling_n{args.nproc}_t{args.tp}.json")

@@ -14,6 +14,7 @@ measured on the same machine (``matmul_peak_flops``), not the datasheet's.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -27,6 +28,14 @@ FLOPS_PER_PARAM_TOKEN = 12  # generation 2 + old log-probs 2 + reference 2 + upd
 def count_parameters(model: nn.Module) -> int:
     """Parameters of ``model``, a tied weight counted once."""
     return sum(p.numel() for p in model.parameters())
+
+
+def count_folder_parameters(model_dir: str | os.PathLike) -> int:
+    """Parameters of a Hugging Face model folder's architecture (a tied weight once), built on meta."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return count_parameters(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)))
 
 
 def step_mfu(

@@ -7,7 +7,7 @@ import torch
 
 from flowrl.engines.memory import StagePeaks, max_over_ranks
 from flowrl.models.shapes import parameter_count
-from flowrl.perf import matmul_peak_flops, stage_shares, steady_state, step_mfu
+from flowrl.perf import count_folder_parameters, matmul_peak_flops, stage_shares, steady_state, step_mfu
 
 
 def test_step_mfu_counts_12_flops_per_parameter_token() -> None:
@@ -69,3 +69,13 @@ def test_stage_peaks_keep_the_maximum_and_clear_on_pop() -> None:
 def test_max_over_ranks() -> None:
     per_rank = [{"memory/a": 1.0, "memory/b": 5.0}, {"memory/a": 2.0}]
     assert max_over_ranks(per_rank) == {"memory/a": 2.0, "memory/b": 5.0}
+
+
+def test_count_folder_parameters_matches_the_loaded_model(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from flowrl.models.tiny import make_tiny_model
+
+    make_tiny_model(tmp_path, seed=0)
+    loaded = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tmp_path).parameters())
+    assert count_folder_parameters(tmp_path) == loaded > 0
