@@ -91,6 +91,31 @@ def check_tokenizer(path: str, model_config: dict[str, Any]) -> Any:
     return tokenizer
 
 
+def check_tensor_parallel(cfg: DictConfig, model_config: dict[str, Any]) -> None:
+    """vLLM splits attention heads over the T ranks of a replica: T must divide them.
+
+    With fewer key/value heads than T, vLLM copies each onto T / heads ranks, so then the
+    heads must divide T instead.
+    """
+    tp = cfg.rollout.tensor_parallel_size
+    text = {**model_config, **model_config.get("text_config", {})}
+    heads = text.get("num_attention_heads")
+    if tp == 1 or heads is None:
+        return
+    path = cfg.actor.model.path
+    if heads % tp:
+        raise InputError(
+            f"rollout.tensor_parallel_size={tp}: actor.model.path={path} has {heads} attention heads, which "
+            f"{tp} GPUs cannot share evenly; use a tensor_parallel_size that divides {heads}"
+        )
+    kv = text.get("num_key_value_heads") or heads
+    if kv % tp and tp % kv:
+        raise InputError(
+            f"rollout.tensor_parallel_size={tp}: actor.model.path={path} has {kv} key/value heads; vLLM needs "
+            f"{tp} to divide them or be a multiple of them"
+        )
+
+
 def check_devices(cfg: DictConfig) -> None:
     """Enough GPUs (or CPUs) on this machine for ``trainer.num_workers`` (skipped on a Ray cluster)."""
     if os.environ.get("RAY_ADDRESS"):
@@ -141,9 +166,10 @@ def check_rewards(cfg: DictConfig, sources: set[str]) -> None:
 
 
 def check_run_inputs(cfg: DictConfig) -> Any:
-    """Model folders, tokenizer, devices and resume target; returns the actor's tokenizer."""
+    """Model folders, tokenizer, attention heads vs T, devices and resume target; returns the tokenizer."""
     configs = {key: check_model_folder(key, path) for key, path in model_folders(cfg).items()}
     tokenizer = check_tokenizer(cfg.actor.model.path, configs["actor.model.path"])
+    check_tensor_parallel(cfg, configs["actor.model.path"])
     check_devices(cfg)
     check_resume(cfg)
     return tokenizer

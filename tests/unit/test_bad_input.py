@@ -13,7 +13,7 @@ import ray
 
 from flowrl.cli import main
 from flowrl.config import load_config
-from flowrl.models.tiny import make_tiny_model
+from flowrl.models.tiny import TinyModelConfig, make_tiny_model
 from flowrl.preflight import load_inputs
 from flowrl.rewards import RewardRunner, reward_metrics
 from flowrl.steps import data_metrics
@@ -176,6 +176,22 @@ def test_mismatched_tokenizer(files, tmp_path, capsys):
     tok.save_pretrained(model)
     err = one_line_error(capsys, train(files, tmp_path, f"actor.model.path={model}"))
     assert "the tokenizer has" in err and "the tokenizer belongs to another model" in err
+
+
+def test_tensor_parallel_size_that_does_not_divide_the_heads(files, tmp_path, capsys):
+    model = tmp_path / "three_heads"  # like SmolLM2-135M's 9 heads with T=2
+    make_tiny_model(model, TinyModelConfig(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, head_dim=32))
+    capsys.readouterr()  # the model's save progress bar
+    err = one_line_error(capsys, train(files, tmp_path, f"actor.model.path={model}", "rollout.tensor_parallel_size=2"))
+    assert "rollout.tensor_parallel_size=2" in err and "has 3 attention heads" in err
+
+
+def test_tensor_parallel_size_that_does_not_fit_the_key_value_heads(files, tmp_path, capsys):
+    model = tmp_path / "three_kv_heads"
+    make_tiny_model(model, TinyModelConfig(hidden_size=192, num_attention_heads=6, num_key_value_heads=3, head_dim=32))
+    capsys.readouterr()
+    err = one_line_error(capsys, train(files, tmp_path, f"actor.model.path={model}", "rollout.tensor_parallel_size=2"))
+    assert "has 3 key/value heads" in err
 
 
 def test_more_gpus_than_exist(files, tmp_path, capsys):
