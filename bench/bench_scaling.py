@@ -59,6 +59,7 @@ def build_engines(rank: int, args: argparse.Namespace, model_path: str) -> tuple
             device=args.device,
             param_dtype=args.dtype,
             gradient_checkpointing=args.gradient_checkpointing,
+            gather_once_for_inference=args.gather_once,
             optim=OptimizerConfig(lr=0.0 if args.check else 1e-6, grad_clip=0.0),
         )
     )
@@ -199,6 +200,7 @@ def summary(args: argparse.Namespace, per_rank: list[list[dict]]) -> dict:
         "response_len": args.response_len,
         "check": args.check,
         "cuda_graphs": args.cuda_graphs,
+        "gather_once_for_inference": args.gather_once,
     }
     result |= {k: round(v, 6) for k, v in med.items()}
     if not args.check:
@@ -237,6 +239,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=3, help="measured iterations (after one warm-up)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--cuda-graphs", action="store_true")
+    p.add_argument(
+        "--gather-per-micro-batch", dest="gather_once", action="store_false",
+        help="the old log-prob pass all-gathers every layer for each micro-batch (before: once per pass)",
+    )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.4)
     p.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 matmul peak; 0: measure it now (GPU)")
     p.add_argument("--check", action="store_true", help="correctness figures instead of throughput")

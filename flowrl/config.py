@@ -37,6 +37,10 @@ class ModelConfig:
     # skip the columns that are padding in every row of a micro-batch (fewer tokens per
     # forward when responses are short; log-probs then differ by float rounding, ~1e-7)
     trim_padding: bool = False
+    # no-grad passes (old log-probs, reference, values) all-gather each layer once for all
+    # their micro-batches instead of once per micro-batch; holds the whole model in `dtype`
+    # on every rank while the pass runs
+    gather_once_for_inference: bool = True
 
 
 @dataclass

@@ -29,6 +29,7 @@ gradient is that of the global mean whatever the DP size and micro-batch split.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections.abc import Callable, Iterator
@@ -48,7 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from flowrl.algos.rewards import last_token_index
@@ -88,6 +89,10 @@ class FSDPEngineConfig:
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
     reshard_after_forward: bool = True
+    # No-grad passes (old log-probs, values, scores) over several micro-batches all-gather
+    # each layer once and keep it until the pass ends, instead of once per micro-batch.
+    # Costs the unsharded model in param_dtype on every rank for the pass (~2 bytes/param).
+    gather_once_for_inference: bool = True
     # Drop the columns that are padding in every row of a micro-batch before the forward:
     # faster, but a row's log-probs then depend (by float rounding, ~1e-7) on its
     # neighbours; off, they are bitwise independent of the micro-batching on CPU.
@@ -188,10 +193,9 @@ class FSDPEngine:
         """
         self._require(value_head=False, what="compute_logprobs")
         self.model.eval()
-        outs = [
-            self._forward(mb, temperature, with_entropy)
-            for mb in self._micro_batches(batch, micro_batch_size)
-        ]
+        micros = self._micro_batches(batch, micro_batch_size)
+        with self._gathered_for_pass(len(micros)):
+            outs = [self._forward(mb, temperature, with_entropy) for mb in micros]
         logprobs = torch.cat([o[Keys.LOGPROBS] for o in outs]).float().cpu()  # [B, R]
         entropy = torch.cat([o[Keys.ENTROPY] for o in outs]).float().cpu() if with_entropy else None
         return logprobs, entropy
@@ -201,7 +205,9 @@ class FSDPEngine:
         """V(s_t) for each response token: the value head at the column before the token.  -> [B, R]"""
         self._require(value_head=True, what="compute_values")
         self.model.eval()
-        outs = [self._forward(mb, 1.0, False) for mb in self._micro_batches(batch, micro_batch_size)]
+        micros = self._micro_batches(batch, micro_batch_size)
+        with self._gathered_for_pass(len(micros)):
+            outs = [self._forward(mb, 1.0, False) for mb in micros]
         return torch.cat([o[Keys.VALUES] for o in outs]).float().cpu()
 
     @torch.no_grad()
@@ -214,9 +220,13 @@ class FSDPEngine:
         self._require(value_head=True, what="compute_sequence_scores")
         self.model.eval()
         scores = []
-        for micro in self._micro_batches(batch, micro_batch_size):
-            inputs = model_inputs(micro.to(self.device), trim=self.config.trim_padding)
-            scores.append(self._last_token_scores(inputs.input_ids, inputs.attention_mask, inputs.position_ids))
+        micros = self._micro_batches(batch, micro_batch_size)
+        with self._gathered_for_pass(len(micros)):
+            for micro in micros:
+                inputs = model_inputs(micro.to(self.device), trim=self.config.trim_padding)
+                scores.append(
+                    self._last_token_scores(inputs.input_ids, inputs.attention_mask, inputs.position_ids)
+                )
         return torch.cat(scores).float().cpu()
 
     @torch.no_grad()
@@ -224,7 +234,9 @@ class FSDPEngine:
         """Scores of the chosen and the rejected sequences of preference pairs.  -> [B], [B]"""
         self._require(value_head=True, what="compute_pair_scores")
         self.model.eval()
-        outs = [self._pair_forward(micro.to(self.device)) for micro in self._micro_batches(pairs, micro_batch_size)]
+        micros = self._micro_batches(pairs, micro_batch_size)
+        with self._gathered_for_pass(len(micros)):
+            outs = [self._pair_forward(micro.to(self.device)) for micro in micros]
         chosen = torch.cat([o[Keys.CHOSEN_SCORES] for o in outs]).float().cpu()  # [B]
         rejected = torch.cat([o[Keys.REJECTED_SCORES] for o in outs]).float().cpu()  # [B]
         return chosen, rejected
@@ -323,6 +335,27 @@ class FSDPEngine:
         out = torch.where(mask, out, pad_token_id)
         pad = max_new_tokens - out.shape[1]
         return F.pad(out, (0, pad), value=pad_token_id), F.pad(mask.float(), (0, pad))
+
+    @contextlib.contextmanager
+    def _gathered_for_pass(self, n_micro: int) -> Iterator[None]:
+        """Within: each sharded module stays all-gathered after its first forward (no-grad passes).
+
+        Then one all-gather per layer (and one for the root's embeddings, norm and head)
+        serves every micro-batch of the pass; on exit every module is resharded and goes
+        back to ``config.reshard_after_forward``, the value ``fully_shard`` was given.
+        """
+        if not self.config.gather_once_for_inference or n_micro <= 1:
+            yield
+            return
+        layers = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for layer in layers:
+            layer.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.reshard()
+                layer.set_reshard_after_forward(self.config.reshard_after_forward, recurse=False)
 
     def _micro_batches(self, batch: Batch, micro_batch_size: int) -> list[Batch]:
         """Split and check that every rank runs the same number of forwards (else FSDP2 would hang)."""

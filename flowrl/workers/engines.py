@@ -43,6 +43,7 @@ def build_fsdp_engine(
             param_dtype=model.dtype,
             gradient_checkpointing=model.gradient_checkpointing,
             trim_padding=model.trim_padding,
+            gather_once_for_inference=model.gather_once_for_inference,
             seed=cfg.trainer.seed,
             optim=optim_cfg,
         )

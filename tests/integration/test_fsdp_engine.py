@@ -7,6 +7,7 @@ shares no padding or micro-batching code with the engine.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 from dataclasses import replace
@@ -125,6 +126,7 @@ def _policy_checks(rank: int, model_path: str, ckpt_dir: str) -> dict:
         lp1, _ = engine.compute_logprobs(local, 1.0, micro_batch_size=1)
         lp4, _ = engine.compute_logprobs(local, 1.0, micro_batch_size=4)
         res["mbs1_vs_mbs4_logprob_max_diff"] = float((lp1 - lp4).abs().max())
+        res.update(_gather_once_checks(engine, config, local))
         engine.config = replace(config, trim_padding=True)
         res["trim_vs_untrimmed_max_diff"] = float(
             (engine.compute_logprobs(local, 1.0, 4)[0] - lp4).abs().max()
@@ -133,6 +135,51 @@ def _policy_checks(rank: int, model_path: str, ckpt_dir: str) -> dict:
 
     res.update(_step_checks(engine, local, ckpt_dir))
     return res
+
+
+@contextlib.contextmanager
+def counted_all_gathers():
+    """Counts the all-gather collectives this process issues (FSDP2's included)."""
+    count = [0]
+    names = [n for n in ("all_gather_single", "all_gather_into_tensor") if hasattr(dist, n)]
+    originals = {n: getattr(dist, n) for n in names}
+
+    def counting(original):
+        def call(*args, **kwargs):
+            count[0] += 1
+            return original(*args, **kwargs)
+
+        return call
+
+    for n in names:
+        setattr(dist, n, counting(originals[n]))
+    try:
+        yield count
+    finally:
+        for n in names:
+            setattr(dist, n, originals[n])
+
+
+def _gather_once_checks(engine: FSDPEngine, config: FSDPEngineConfig, local: Batch) -> dict:
+    """A no-grad pass gathers each layer once, gives the same log-probs, then reshards."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    lps, gathers = {}, {}
+    for once in (False, True):
+        engine.config = replace(config, gather_once_for_inference=once)
+        with counted_all_gathers() as count:
+            lps[once], _ = engine.compute_logprobs(local, 1.0, micro_batch_size=1)  # 4 micro-batches
+        gathers[once] = count[0]
+    engine.config = config
+    modules = [m for m in engine.model.modules() if isinstance(m, FSDPModule)]  # the layers and the root
+    return {
+        "gather_once_logprob_diff": float((lps[True] - lps[False]).abs().max()),
+        "all_gathers_per_micro_batch": gathers[False],
+        "all_gathers_once": gathers[True],
+        "fsdp_modules": len(modules),
+        "resharded_after_pass": all(isinstance(p, DTensor) for p in engine.model.parameters()),
+    }
 
 
 def _step_checks(engine: FSDPEngine, local: Batch, ckpt_dir: str) -> dict:
@@ -235,6 +282,14 @@ def test_logprobs_match_unpadded_reference(results: list[dict]) -> None:
         assert r["masked_zero"] and r["entropy_positive"]
         assert r["mbs1_vs_mbs4_logprob_max_diff"] == 0.0  # untrimmed rows do not depend on their neighbours
         assert r["trim_vs_untrimmed_max_diff"] <= 1e-5
+
+
+def test_no_grad_pass_gathers_each_layer_once_and_reshards(results: list[dict]) -> None:
+    for r in results:
+        assert r["gather_once_logprob_diff"] == 0.0
+        assert r["all_gathers_per_micro_batch"] == 4 * r["fsdp_modules"], r  # 4 micro-batches
+        assert r["all_gathers_once"] == r["fsdp_modules"], r
+        assert r["resharded_after_pass"]
 
 
 def test_train_step_updates_skips_nan_and_resumes(results: list[dict]) -> None:
