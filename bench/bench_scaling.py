@@ -6,7 +6,9 @@ sync the weights into vLLM (FSDP layout -> TP shards, bucket by bucket), generat
 ``--n`` responses for each prompt (fixed length, EOS ignored), compute the old
 log-probs, one training step. The per-GPU batch is fixed (``--batch`` prompts per GPU,
 so a replica gets ``T * batch``): perfect scaling keeps tokens/s/GPU constant as N
-grows. The first iteration is a warm-up; figures are medians over the others. Step MFU
+grows. ``wait_s`` is a barrier after generation: the time a rank waits for the slowest
+replica (without it, that wait lands in the old log-prob pass's first all-gather). The
+first iteration is a warm-up; figures are medians over the others. Step MFU
 counts 10 N FLOPs per token (generation 2, old log-probs 2, update 6: no reference model
 in this step) over the bf16 matmul peak measured first in the same run; per-stage peak
 GPU memory is the maximum over ranks.
@@ -99,6 +101,8 @@ def grpo_step(trainer: FSDPEngine, rollout: VLLMRollout, prompts: Batch, args: a
     mine = my_rows(
         samples, replica_info(rank, world, args.tp).tp_rank, args.tp
     )  # T ranks split a replica's rows
+    with Clock(cuda) as wait:  # for the slowest replica: else old log-probs' first all-gather waits
+        dist.barrier()
     with STAGE_PEAKS("old_logprobs"), Clock(cuda) as old:
         trainer.compute_logprobs(mine, 1.0, args.micro_batch)
     with STAGE_PEAKS("update"), Clock(cuda) as train:
@@ -108,9 +112,10 @@ def grpo_step(trainer: FSDPEngine, rollout: VLLMRollout, prompts: Batch, args: a
         "sync_gb": sync["bytes"] / 1e9,
         "sync_gb_per_s": sync["gb_per_s"],
         "gen_s": gen.seconds,
+        "wait_s": wait.seconds,
         "old_logprobs_s": old.seconds,
         "train_s": train.seconds,
-        "step_s": sync["seconds"] + gen.seconds + old.seconds + train.seconds,
+        "step_s": sync["seconds"] + gen.seconds + wait.seconds + old.seconds + train.seconds,
     }
 
 
@@ -240,8 +245,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument(
-        "--gather-per-micro-batch", dest="gather_once", action="store_false",
-        help="the old log-prob pass all-gathers every layer for each micro-batch (before: once per pass)",
+        "--gather-once", action="store_true",
+        help="the old log-prob pass all-gathers each layer once, not once per micro-batch",
     )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.4)
     p.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 matmul peak; 0: measure it now (GPU)")

@@ -39,8 +39,8 @@ class ModelConfig:
     trim_padding: bool = False
     # no-grad passes (old log-probs, reference, values) all-gather each layer once for all
     # their micro-batches instead of once per micro-batch; holds the whole model in `dtype`
-    # on every rank while the pass runs
-    gather_once_for_inference: bool = True
+    # on every rank while the pass runs. For FSDP across machines (docs/scaling.md)
+    gather_once_for_inference: bool = False
 
 
 @dataclass

@@ -91,8 +91,9 @@ class FSDPEngineConfig:
     reshard_after_forward: bool = True
     # No-grad passes (old log-probs, values, scores) over several micro-batches all-gather
     # each layer once and keep it until the pass ends, instead of once per micro-batch.
-    # Costs the unsharded model in param_dtype on every rank for the pass (~2 bytes/param).
-    gather_once_for_inference: bool = True
+    # Costs the unsharded model in param_dtype on every rank for the pass (~2 bytes/param);
+    # for slow links (across machines). Off: on one NVLink host it measured no faster.
+    gather_once_for_inference: bool = False
     # Drop the columns that are padding in every row of a micro-batch before the forward:
     # faster, but a row's log-probs then depend (by float rounding, ~1e-7) on its
     # neighbours; off, they are bitwise independent of the micro-batching on CPU.
