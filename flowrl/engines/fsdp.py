@@ -487,12 +487,15 @@ class FSDPEngine:
 
         Collective: every rank must drain the stream (each DTensor is all-gathered).
         Only the current bucket is held, so the extra memory is one bucket plus one tensor.
+        Each shard is cast before the all-gather, so an fp32 model synced in bf16 moves
+        half the bytes (a cast commutes with the gather: the result is the same).
         """
         bucket: list[tuple[str, torch.Tensor]] = []
         size = 0
         for name, tensor in self.named_tensors():
-            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
-            full = full.to(dtype)
+            full = tensor.to(dtype)
+            if isinstance(full, DTensor):
+                full = full.full_tensor()
             bucket.append((name, full))
             size += full.numel() * full.element_size()
             if size >= bucket_bytes:

@@ -127,6 +127,7 @@ def _policy_checks(rank: int, model_path: str, ckpt_dir: str) -> dict:
         lp4, _ = engine.compute_logprobs(local, 1.0, micro_batch_size=4)
         res["mbs1_vs_mbs4_logprob_max_diff"] = float((lp1 - lp4).abs().max())
         res.update(_gather_once_checks(engine, config, local))
+        res.update(_stream_checks(engine))
         engine.config = replace(config, trim_padding=True)
         res["trim_vs_untrimmed_max_diff"] = float(
             (engine.compute_logprobs(local, 1.0, 4)[0] - lp4).abs().max()
@@ -179,6 +180,19 @@ def _gather_once_checks(engine: FSDPEngine, config: FSDPEngineConfig, local: Bat
         "all_gathers_once": gathers[True],
         "fsdp_modules": len(modules),
         "resharded_after_pass": all(isinstance(p, DTensor) for p in engine.model.parameters()),
+    }
+
+
+def _stream_checks(engine: FSDPEngine) -> dict:
+    """The bf16 weight stream (shards cast, then gathered) equals the full fp32 model cast."""
+    full = {n: t.full_tensor() for n, t in engine.named_tensors()}
+    streamed = {n: t for bucket in engine.state_dict_stream(torch.bfloat16, 1 << 12) for n, t in bucket}
+    return {
+        "stream_names_match": list(streamed) == list(full),
+        "stream_bitwise_cast": all(
+            streamed[n].dtype == torch.bfloat16 and torch.equal(streamed[n], full[n].to(torch.bfloat16))
+            for n in full
+        ),
     }
 
 
@@ -282,6 +296,11 @@ def test_logprobs_match_unpadded_reference(results: list[dict]) -> None:
         assert r["masked_zero"] and r["entropy_positive"]
         assert r["mbs1_vs_mbs4_logprob_max_diff"] == 0.0  # untrimmed rows do not depend on their neighbours
         assert r["trim_vs_untrimmed_max_diff"] <= 1e-5
+
+
+def test_bf16_weight_stream_is_the_cast_full_model(results: list[dict]) -> None:
+    for r in results:
+        assert r["stream_names_match"] and r["stream_bitwise_cast"]
 
 
 def test_no_grad_pass_gathers_each_layer_once_and_reshards(results: list[dict]) -> None:
