@@ -46,6 +46,9 @@ LOGPROBS_MODE = "processed_logprobs"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+CPU_MAX_BATCHED_TOKENS = 8192  # tokens per scheduler step on CPU, where prompts are never chunked
+
+
 @dataclass(frozen=True)
 class VLLMRolloutConfig:
     model_path: str
@@ -170,6 +173,12 @@ class VLLMRollout:
         extra: dict[str, Any] = {"dtype": config.dtype}
         if config.attention_backend is not None:
             extra["attention_backend"] = config.attention_backend
+        if not self.on_gpu:
+            # vLLM's CPU runner cannot rewind a seeded request's generator when it throws away
+            # the token sampled after part of a chunked prompt ("CPU Generator does not use
+            # offset"); on CPU, prompts are therefore never split across scheduler steps.
+            extra["enable_chunked_prefill"] = False
+            extra["max_num_batched_tokens"] = max(config.max_model_len, CPU_MAX_BATCHED_TOKENS)
         self._calls = 0  # generate calls so far: with T > 1 they seed the sampler
         caller = _CallerState.capture()
         try:

@@ -32,7 +32,12 @@ def _standalone(trainer_dir: str, rollout_dir: str) -> dict:
     first = rollout.generate(prompts, n=3, temperature=1.0, max_tokens=12, seeds=seeds)
     unseeded = [responses(rollout.generate(prompts, n=3, temperature=1.0, max_tokens=12)) for _ in range(2)]
     again = rollout.generate(prompts, n=3, temperature=1.0, max_tokens=12, seeds=seeds)
+    # seeded prompts of more tokens than one scheduler step of vLLM-CPU's default (4096):
+    # a chunked prompt used to fail there ("CPU Generator does not use offset")
+    many = make_prompts(96, seed=4, min_len=60, max_len=100)
+    big = [rollout.generate(many, n=2, temperature=1.0, max_tokens=4, seeds=list(range(96))) for _ in range(2)]
     return {
+        "many_seeded_prompts_repeat": responses(big[0]) == responses(big[1]) and len(big[0]) == 192,
         "seeded_repeats": responses(first) == responses(again)
         and torch.equal(first[Keys.ROLLOUT_LOGPROBS], again[Keys.ROLLOUT_LOGPROBS]),
         "unseeded_differs": unseeded[0] != unseeded[1],
@@ -50,3 +55,4 @@ def test_rollout_without_distributed_world(tmp_path) -> None:
     res = run_plain(_standalone, str(tmp_path / "a"), str(tmp_path / "b"))
     assert res["differs_before"] and res["matches_after"] and res["engine_core_in_process"]
     assert res["seeded_repeats"] and res["unseeded_differs"] and res["samples_of_a_prompt_differ"]
+    assert res["many_seeded_prompts_repeat"]
