@@ -194,8 +194,7 @@ class FSDPEngine:
         """
         self._require(value_head=False, what="compute_logprobs")
         self.model.eval()
-        micros = self._micro_batches(batch, micro_batch_size)
-        with self._gathered_for_pass(len(micros)):
+        with self._no_grad_pass(batch, micro_batch_size) as micros:
             outs = [self._forward(mb, temperature, with_entropy) for mb in micros]
         logprobs = torch.cat([o[Keys.LOGPROBS] for o in outs]).float().cpu()  # [B, R]
         entropy = torch.cat([o[Keys.ENTROPY] for o in outs]).float().cpu() if with_entropy else None
@@ -206,8 +205,7 @@ class FSDPEngine:
         """V(s_t) for each response token: the value head at the column before the token.  -> [B, R]"""
         self._require(value_head=True, what="compute_values")
         self.model.eval()
-        micros = self._micro_batches(batch, micro_batch_size)
-        with self._gathered_for_pass(len(micros)):
+        with self._no_grad_pass(batch, micro_batch_size) as micros:
             outs = [self._forward(mb, 1.0, False) for mb in micros]
         return torch.cat([o[Keys.VALUES] for o in outs]).float().cpu()
 
@@ -221,8 +219,7 @@ class FSDPEngine:
         self._require(value_head=True, what="compute_sequence_scores")
         self.model.eval()
         scores = []
-        micros = self._micro_batches(batch, micro_batch_size)
-        with self._gathered_for_pass(len(micros)):
+        with self._no_grad_pass(batch, micro_batch_size) as micros:
             for micro in micros:
                 inputs = model_inputs(micro.to(self.device), trim=self.config.trim_padding)
                 scores.append(
@@ -235,8 +232,7 @@ class FSDPEngine:
         """Scores of the chosen and the rejected sequences of preference pairs.  -> [B], [B]"""
         self._require(value_head=True, what="compute_pair_scores")
         self.model.eval()
-        micros = self._micro_batches(pairs, micro_batch_size)
-        with self._gathered_for_pass(len(micros)):
+        with self._no_grad_pass(pairs, micro_batch_size) as micros:
             outs = [self._pair_forward(micro.to(self.device)) for micro in micros]
         chosen = torch.cat([o[Keys.CHOSEN_SCORES] for o in outs]).float().cpu()  # [B]
         rejected = torch.cat([o[Keys.REJECTED_SCORES] for o in outs]).float().cpu()  # [B]
@@ -338,25 +334,27 @@ class FSDPEngine:
         return F.pad(out, (0, pad), value=pad_token_id), F.pad(mask.float(), (0, pad))
 
     @contextlib.contextmanager
-    def _gathered_for_pass(self, n_micro: int) -> Iterator[None]:
-        """Within: each sharded module stays all-gathered after its first forward (no-grad passes).
+    def _no_grad_pass(self, batch: Batch, micro_batch_size: int) -> Iterator[list[Batch]]:
+        """The micro-batches of a no-grad pass; with ``gather_once_for_inference`` each
+        sharded module stays all-gathered after its first forward while they run.
 
         Then one all-gather per layer (and one for the root's embeddings, norm and head)
         serves every micro-batch of the pass; on exit every module is resharded and goes
         back to ``config.reshard_after_forward``, the value ``fully_shard`` was given.
         """
-        if not self.config.gather_once_for_inference or n_micro <= 1:
-            yield
+        micros = self._micro_batches(batch, micro_batch_size)
+        if not self.config.gather_once_for_inference or len(micros) <= 1:
+            yield micros
             return
-        layers = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
-        for layer in layers:
-            layer.set_reshard_after_forward(False, recurse=False)
+        modules = [m for m in self.model.modules() if isinstance(m, FSDPModule)]  # layers and root
+        for module in modules:
+            module.set_reshard_after_forward(False, recurse=False)
         try:
-            yield
+            yield micros
         finally:
-            for layer in layers:
-                layer.reshard()
-                layer.set_reshard_after_forward(self.config.reshard_after_forward, recurse=False)
+            for module in modules:
+                module.reshard()
+                module.set_reshard_after_forward(self.config.reshard_after_forward, recurse=False)
 
     def _micro_batches(self, batch: Batch, micro_batch_size: int) -> list[Batch]:
         """Split and check that every rank runs the same number of forwards (else FSDP2 would hang)."""
