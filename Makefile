@@ -10,6 +10,7 @@ demo: install
 	$(PY) -m flowrl.cli quickstart
 
 test: install
+	$(PY) scripts/check_rules.py
 	$(PY) -m pytest -q -ra tests
 
 test-fast: install

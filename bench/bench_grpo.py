@@ -1,6 +1,6 @@
 """Throughput of a full flowrl GRPO step on the GPU(s) of one machine.
 
-The step is the real one (``flowrl.algos.grpo.train_step`` through the Ray workers):
+The step is the real one (``flowrl.drivers.grpo.train_step`` through the Ray workers):
 generate with vLLM (CUDA graphs, sleep/wake), score, old log-probs, reference
 log-probs (KL loss on), one update over the whole rollout, weight sync into vLLM.
 The model is a Qwen2.5-shaped one with random weights; prompts have a fixed length
@@ -25,9 +25,12 @@ import os
 import random
 import string
 import tempfile
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/perf.py
 
 STAGES = ("generate", "reward", "old_logprobs", "ref", "update", "weight_sync")
 
@@ -97,7 +100,7 @@ def overrides(args: argparse.Namespace, model: Path, data: str, run_dir: Path) -
 def run_steps(args: argparse.Namespace, model: Path, data: str, run_dir: Path) -> list[dict[str, float]]:
     from flowrl.algos import grpo
     from flowrl.config import load_config
-    from flowrl.runtime import build_runtime
+    from flowrl.trainer.runtime import build_runtime
 
     cfg = load_config(None, overrides(args, model, data, run_dir))
     rt = build_runtime(cfg)
@@ -119,7 +122,7 @@ def run_steps(args: argparse.Namespace, model: Path, data: str, run_dir: Path) -
 def summarize(
     args: argparse.Namespace, rows: list[dict[str, float]], peak_flops: float, n_params: int
 ) -> dict:
-    from flowrl.perf import stage_shares, steady_state, step_mfu
+    from perf import stage_shares, steady_state, step_mfu
 
     med = steady_state(rows, args.warmup)
     seconds = {s: med[f"timing/{s}"] for s in STAGES if f"timing/{s}" in med}
@@ -185,7 +188,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    from flowrl.perf import count_folder_parameters, matmul_peak_flops
+    from perf import count_folder_parameters, matmul_peak_flops
 
     args = parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

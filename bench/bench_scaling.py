@@ -49,7 +49,7 @@ from flowrl.engines.optim import OptimizerConfig
 from flowrl.engines.sync import sync_weights
 from flowrl.engines.vllm_rollout import VLLMRollout, VLLMRolloutConfig, replica_info
 from flowrl.keys import Keys
-from flowrl.perf import count_folder_parameters, matmul_peak_flops, step_mfu
+from perf import count_folder_parameters, matmul_peak_flops, step_mfu
 
 FLOPS_PER_PARAM_TOKEN = 10  # this step has no reference model: generation 2 + old log-probs 2 + update 6
 

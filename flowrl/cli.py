@@ -2,7 +2,7 @@
 
     flowrl quickstart [--seed S]                  SFT then GRPO on CPU in minutes (flowrl/quickstart.py)
     flowrl train RECIPE.yaml [key=value ...]      RL with a recipe (flowrl/config.py)
-    flowrl sft --model-path DIR --train-files F   supervised fine-tuning (flowrl/algos/sft.py)
+    flowrl sft --model-path DIR --train-files F   supervised fine-tuning (flowrl/drivers/sft.py)
     flowrl export SRC [--base DIR] [--out DIR]    a Hugging Face folder from a checkpoint
     flowrl eval MODEL_DIR DATA [...]              accuracy of a model on RL rows (flowrl/evaluation.py)
     flowrl plot RUN_DIR [--out PNG]               curves of a run's metrics.jsonl (flowrl/plot.py)
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import dataclasses
-import importlib
 import inspect
 import re
 import sys
@@ -24,14 +23,6 @@ import typing
 from typing import Any
 
 from flowrl.config import ConfigError, load_config
-
-DRIVERS = {
-    "ppo": "flowrl.algos.ppo",
-    "grpo": "flowrl.algos.grpo",
-    "remax": "flowrl.algos.remax",
-    "rloo": "flowrl.algos.rloo",
-    "reinforce_pp": "flowrl.algos.reinforce_pp",
-}
 
 
 class UsageError(ValueError):
@@ -43,16 +34,14 @@ def train(args: argparse.Namespace) -> int:
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    name = cfg.trainer.algorithm
-    if name not in DRIVERS:
-        raise UsageError(f"trainer.algorithm={name!r}: known drivers are {', '.join(sorted(DRIVERS))}")
-    from flowrl.faults import run_training
+    from flowrl.drivers.registry import load_driver
+    from flowrl.trainer.faults import run_training
 
-    return run_training(importlib.import_module(DRIVERS[name]).main, cfg, UsageError)
+    return run_training(load_driver(cfg.trainer.algorithm).main, cfg, UsageError)
 
 
 def sft(args: argparse.Namespace) -> int:
-    from flowrl.algos.sft import SFTConfig, SFTDataError, train_sft
+    from flowrl.drivers.sft import SFTConfig, SFTDataError, train_sft
 
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig) if hasattr(args, f.name)}
     try:
@@ -69,7 +58,7 @@ def sft(args: argparse.Namespace) -> int:
 
 
 def rm(args: argparse.Namespace) -> int:
-    from flowrl.algos.reward_model import train_reward_model
+    from flowrl.drivers.reward_model import train_reward_model
     from flowrl.data.rows import RowError
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
@@ -176,7 +165,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flowrl.algos.sft import SFTConfig
+    from flowrl.drivers.sft import SFTConfig
 
     parser = argparse.ArgumentParser(prog="flowrl", description="Reinforcement learning for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", dest="out_dir", required=True)
     for name, kind in (("steps", int), ("batch_size", int), ("lr", float), ("num_workers", int), ("seed", int)):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=argparse.SUPPRESS,
-                       help="(default: see flowrl/algos/reward_model.py)")
+                       help="(default: see flowrl/drivers/reward_model.py)")
     p.set_defaults(run=rm)
 
     p = sub.add_parser(

@@ -16,11 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flowrl.algos.config import AdvantageConfig, KLControllerConfig, PolicyLossConfig
-from flowrl.algos.registry import ESTIMATORS, check_estimator_inputs
+from flowrl.algos.registry import ESTIMATORS, POLICY_LOSSES, check_estimator_inputs
 from flowrl.data.dataset import PromptDataConfig
+from flowrl.drivers.registry import DriverSpec, load_driver
+from flowrl.engines.base import ROLLOUT_ENGINES, TRAIN_ENGINES
 from flowrl.engines.optim import OptimizerConfig
-from flowrl.rewards.registry import RewardConfig
 from flowrl.keys import Keys
+from flowrl.plugins import PluginError, load_plugins
+from flowrl.rewards.registry import RewardConfig
 
 
 class ConfigError(ValueError):
@@ -45,8 +48,9 @@ class ModelConfig:
 
 @dataclass
 class RolloutConfig:
-    """Generation with the colocated vLLM engine."""
+    """Generation with the colocated rollout engine (vLLM by default)."""
 
+    backend: str = "vllm"  # the rollout engine: vllm | hf (flowrl.engines.base.ROLLOUT_ENGINES; plugins add more)
     n: int = 1  # responses sampled per prompt (the group size of GRPO/RLOO)
     temperature: float = 1.0  # sampling temperature of training rollouts (> 0)
     top_p: float = 1.0  # nucleus sampling; 1.0: off (keep it off to compare log-probs with the trainer)
@@ -70,6 +74,7 @@ class ActorConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    backend: str = "fsdp"  # the training engine (flowrl.engines.base.TRAIN_ENGINES; plugins add more)
     mini_batch_size: int = 8  # responses per optimizer step, over all ranks
     micro_batch_size: int = 4  # responses per forward/backward on one rank
     epochs: int = 1  # passes over each rollout batch
@@ -120,7 +125,10 @@ class DataConfig:
 class TrainerConfig:
     """The run: size, placement, logging and checkpoints."""
 
-    algorithm: str = "grpo"  # the driver: ppo | grpo | remax | rloo | reinforce_pp
+    algorithm: str = "grpo"  # the driver: ppo | grpo | remax | rloo | reinforce_pp, or a module path (my_pkg.my_algo)
+    # modules imported by the driver process and every worker before anything is built: they
+    # register estimators, policy losses and engines under names a recipe can then use
+    plugins: list[str] = field(default_factory=list)
     total_steps: int = 10  # training steps (one rollout batch each)
     num_workers: int = 1  # hybrid actor-rollout ranks (one per GPU on GPU)
     use_gpu: bool = False  # CUDA + NCCL; else CPU + gloo
@@ -278,8 +286,15 @@ def validate(cfg: Any, where: str = "config") -> None:
         "reward_model is set but reward_model.path is not: name a *ForSequenceClassification folder "
         "(or leave reward_model out to score with the rule rewards)",
     )
-    _check_estimator(cfg, where)
     _check_placement(cfg, where)
+    try:  # names below may come from the user's plugins: import them first
+        load_plugins(cfg.trainer.plugins)
+        spec = load_driver(cfg.trainer.algorithm).spec
+    except PluginError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    _check_driver(cfg, where, spec)
+    _check_registered(cfg, where)
+    _check_estimator(cfg, where, spec)
 
 
 def _check_placement(cfg: Any, where: str) -> None:
@@ -328,19 +343,47 @@ def _check_placement(cfg: Any, where: str) -> None:
     )
 
 
-def _check_estimator(cfg: Any, where: str) -> None:
-    """The estimator exists and the recipe's workers produce every key it reads."""
-    name = cfg.algorithm.advantage.estimator
+def _check_driver(cfg: Any, where: str, spec: DriverSpec) -> None:
+    """Options the driver cannot honour are refused, not ignored."""
+    algo = cfg.trainer.algorithm
     _check(
-        name in ESTIMATORS.names(),
+        spec.kl_in_reward or not cfg.algorithm.use_kl_in_reward,
         where,
-        f"algorithm.advantage.estimator={name!r} is not registered; known: {', '.join(ESTIMATORS.names())}",
+        f"algorithm.use_kl_in_reward=true, but the {algo!r} driver does not put a KL penalty in the reward; "
+        "use actor.use_kl_loss=true for a KL term in the loss, or a driver that supports it (ppo, rloo, reinforce_pp)",
     )
+    _check(
+        spec.critic != "required" or cfg.critic.enable,
+        where,
+        f"trainer.algorithm={algo!r} needs a critic: set critic.enable=true and critic.model.path",
+    )
+    _check(
+        spec.critic != "never" or not cfg.critic.enable,
+        where,
+        f"trainer.algorithm={algo!r} uses no critic: set critic.enable=false",
+    )
+
+
+def _check_registered(cfg: Any, where: str) -> None:
+    """Every registry name in the recipe exists (after the plugins registered theirs)."""
+    named = {
+        "actor.policy_loss.name": (cfg.actor.policy_loss.name, POLICY_LOSSES.names()),
+        "actor.backend": (cfg.actor.backend, TRAIN_ENGINES.names()),
+        "rollout.backend": (cfg.rollout.backend, ROLLOUT_ENGINES.names()),
+        "algorithm.advantage.estimator": (cfg.algorithm.advantage.estimator, ESTIMATORS.names()),
+    }
+    for key, (name, known) in named.items():
+        hint = "" if cfg.trainer.plugins else "; register yours in a module listed in trainer.plugins"
+        _check(name in known, where, f"{key}={name!r} is not registered; known: {', '.join(known)}{hint}")
+
+
+def _check_estimator(cfg: Any, where: str, spec: DriverSpec) -> None:
+    """The recipe's workers and driver produce every key the estimator reads."""
+    name = cfg.algorithm.advantage.estimator
     available = {Keys.SCORES, Keys.RESPONSE_MASK, Keys.TOKEN_REWARDS, Keys.GROUP_IDS, Keys.REF_LOGPROBS}
     if cfg.critic.enable:
         available |= {Keys.VALUES, Keys.OLD_VALUES}
-    if cfg.trainer.algorithm == "remax":
-        available.add(Keys.BASELINE_SCORES)
+    available |= set(spec.provides)
     try:
         check_estimator_inputs(name, available)
     except ValueError as e:

@@ -1,6 +1,6 @@
 """Accuracy of a model folder on RL rows, scored by the rule rewards (``flowrl eval``).
 
-The same pieces as a training run's validation (``flowrl.steps.evaluate``): prompts
+The same pieces as a training run's validation (``flowrl.trainer.loop.evaluate``): prompts
 rendered with the tokenizer's chat template and tokenized by ``PromptDataset``, responses
 from a vLLM engine (``VLLMRollout``) in this process, decoded with special tokens
 skipped, and scored by ``RewardRunner``. A sample is correct when its score is >= 1, so

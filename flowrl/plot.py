@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from flowrl.tracking import read_metrics
+from flowrl.trainer.tracking import read_metrics
 
 DEFAULT_KEYS = (
     "reward/mean",

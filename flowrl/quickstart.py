@@ -9,9 +9,9 @@
    must be the answer): demonstrations of mixed quality, as real SFT data often is.
 2. **Model.** A Qwen2-style model of 2.4M parameters with a byte-level tokenizer, made
    from scratch (random weights, ``flowrl.models.tiny``).
-3. **SFT** (``flowrl.algos.sft``): 300 steps of next-token cross-entropy on the
+3. **SFT** (``flowrl.drivers.sft``): 300 steps of next-token cross-entropy on the
    demonstrations. The model learns to add and subtract, and to answer in either format.
-4. **GRPO** (``flowrl.algos.grpo``): 30 steps with the task's exact reward, 32 prompts
+4. **GRPO** (``flowrl.drivers.grpo``): 30 steps with the task's exact reward, 32 prompts
    x 8 samples per step. The reward teaches the model to answer with just the number.
 5. **Held-out accuracy** (greedy, the task's scorer) before and after RL, printed and
    written to ``OUT/summary.json``; the trained policy is written as a Hugging Face
@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, fields
 
-from flowrl.algos.sft import SFTConfig, train_sft
+from flowrl.drivers.sft import SFTConfig, train_sft
 from flowrl.config import load_config
 from flowrl.models.tiny import TinyModelConfig, make_tiny_model
 from flowrl.tasks.arithmetic import write_splits

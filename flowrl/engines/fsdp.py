@@ -57,6 +57,7 @@ from flowrl.batch import Batch
 from flowrl.engines.distributed import init_process_group
 from flowrl.engines.optim import OptimizerConfig, build_optimizer
 from flowrl.engines.sequences import entropy_from_logits, model_inputs, token_logprobs
+from flowrl.engines.base import LossFn, Metrics, Normalizer, run_device
 from flowrl.keys import Keys
 
 if TYPE_CHECKING:
@@ -64,18 +65,6 @@ if TYPE_CHECKING:
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VALUE_HEAD_PREFIX = "score."  # the Linear(hidden, 1) of AutoModelForTokenClassification
-
-
-@dataclass(frozen=True)
-class Normalizer:
-    """Global counts over all ranks and micro-batches of one optimizer step."""
-
-    global_tokens: float  # sum of RESPONSE_MASK (LOSS_MASK in a sequence batch)
-    global_seqs: float  # number of sequences
-
-
-Metrics = dict[str, torch.Tensor | float]
-LossFn = Callable[[Batch, dict[str, torch.Tensor], Normalizer], tuple[torch.Tensor, Metrics]]
 
 
 @dataclass(frozen=True)
@@ -576,3 +565,32 @@ class FSDPEngine:
         torch.cuda.synchronize()
         if device.type == "cpu":
             torch.cuda.empty_cache()
+
+
+def from_run_config(
+    cfg: Any, model: Any, optim: Any | None, value_head: bool, head_bias: bool = True
+) -> FSDPEngine:
+    """The ``fsdp`` backend: an engine for the policy, the reference (``optim=None``), the critic
+    or the reward model (``value_head`` without ``head_bias``), from the run config's sections."""
+    optim_cfg = OptimizerConfig()
+    if optim is not None:
+        fields = dict(optim)
+        if fields["total_steps"] == 0:  # the schedule spans the run: steps x optimizer steps per step
+            rollout_size = cfg.data.train_batch_size * cfg.rollout.n
+            updates = cfg.actor.epochs * max(1, rollout_size // cfg.actor.mini_batch_size)
+            fields["total_steps"] = cfg.trainer.total_steps * updates
+        optim_cfg = OptimizerConfig(**fields)
+    return FSDPEngine(
+        FSDPEngineConfig(
+            model_path=model.path,
+            value_head=value_head,
+            head_bias=head_bias,
+            device=run_device(cfg),
+            param_dtype=model.dtype,
+            gradient_checkpointing=model.gradient_checkpointing,
+            trim_padding=model.trim_padding,
+            gather_once_for_inference=model.gather_once_for_inference,
+            seed=cfg.trainer.seed,
+            optim=optim_cfg,
+        )
+    )

@@ -2,8 +2,8 @@
 
 Protocol (one call per training step, on every rank at once):
 1. wake the rollout engine's weights (GPU; a no-op on CPU);
-2. pull buckets from ``FSDPEngine.state_dict_stream`` (each DTensor all-gathered and
-   cast to the rollout dtype) and feed their tensors, lazily, to ONE in-place reload,
+2. pull buckets from the training engine's ``state_dict_stream`` (FSDP2: each DTensor
+   all-gathered and cast to the rollout dtype) and feed their tensors, lazily, to ONE in-place reload,
    so at most one bucket of full tensors exists at a time;
 3. wake the KV cache (GPU), so the engine is ready to generate.
 """
@@ -15,15 +15,14 @@ from collections.abc import Iterator
 
 import torch
 
-from flowrl.engines.fsdp import FSDPEngine
-from flowrl.engines.vllm_rollout import VLLMRollout
+from flowrl.engines.base import RolloutEngine, TrainEngine
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
 
 
 def sync_weights(
-    trainer: FSDPEngine,
-    rollout: VLLMRollout,
+    trainer: TrainEngine,
+    rollout: RolloutEngine,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     wake_kv_cache: bool = True,
 ) -> dict[str, float]:

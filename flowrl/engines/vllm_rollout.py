@@ -196,7 +196,7 @@ class VLLMRollout:
                 **_executor_kwargs(config),
                 **extra,
             )
-            tokenizer = self.llm.get_tokenizer()
+            self.tokenizer = tokenizer = self.llm.get_tokenizer()
             self.eos_token_id = tokenizer.eos_token_id
             pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
             self.pad_token_id = int(pad if pad is not None else self.eos_token_id)
@@ -374,3 +374,24 @@ def prompt_token_lists(prompts: Batch) -> list[list[int]]:
     """Each row's real prompt tokens (left padding stripped by PROMPT_MASK)."""
     ids, mask = prompts[Keys.PROMPT_IDS], prompts[Keys.PROMPT_MASK]  # [B, P]
     return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+
+def from_run_config(cfg: Any, rank: int) -> VLLMRollout:
+    """The ``vllm`` backend: the colocated engine; each replica samples with its own seed.
+
+    With ``rollout.tensor_parallel_size`` T the ranks of one replica (T consecutive ranks)
+    share the seed: they must draw the same samples (module docstring).
+    """
+    r = cfg.rollout
+    replica = replica_info(rank, cfg.trainer.num_workers, r.tensor_parallel_size).replica
+    return VLLMRollout(
+        VLLMRolloutConfig(
+            model_path=cfg.actor.model.path,
+            dtype=r.dtype,
+            max_model_len=cfg.data.prompts.max_prompt_length + r.max_response_length,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            enforce_eager=r.enforce_eager,
+            seed=cfg.trainer.seed + replica,
+            tensor_parallel_size=r.tensor_parallel_size,
+        )
+    )

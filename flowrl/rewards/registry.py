@@ -20,11 +20,12 @@ Functions are looked up by dotted path so that worker processes can import them.
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from flowrl.plugins import PluginError, load_attr
 
 RewardFn = Callable[[str, str, Any, dict], "float | dict[str, Any]"]
 
@@ -50,17 +51,10 @@ class RewardConfig:
 
 def load_function(path: str) -> Callable[..., Any]:
     """Import ``"pkg.module:function"`` (``function`` may be dotted: ``Class.method``)."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"reward function {path!r}: write it as 'pkg.module:function'")
     try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"reward function {path!r}: cannot import module {module_name!r} ({e})") from e
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"reward function {path!r}: module {module_name!r} has no {attr!r}")
-        obj = getattr(obj, part)
+        obj = load_attr(path, "reward function", noun="function")
+    except PluginError as e:
+        raise ValueError(str(e)) from e.__cause__
     if not callable(obj):
         raise ValueError(f"reward function {path!r} is a {type(obj).__name__}, not a callable")
     return obj

@@ -18,14 +18,14 @@ from omegaconf import DictConfig
 from flowrl.algos import aggregate, compute_policy_loss, entropy_loss, kl_loss
 from flowrl.algos.config import PolicyLossConfig
 from flowrl.batch import Batch
-from flowrl.checkpoint import load_rng, save_rng, worker_rng_path
+from flowrl.engines.rng import load_rng, save_rng, worker_rng_path
 from flowrl.controller import Dispatch, DispatchInfo, Worker, register
-from flowrl.engines.fsdp import Normalizer
+from flowrl.engines.base import Normalizer
 from flowrl.engines.memory import STAGE_PEAKS
 from flowrl.engines.sync import sync_weights
 from flowrl.engines.vllm_rollout import replica_info
 from flowrl.keys import Keys
-from flowrl.workers.engines import as_config, build_fsdp_engine, build_rollout
+from flowrl.workers.engines import build_rollout, build_train_engine, worker_config
 
 Metrics = dict[str, float]
 
@@ -35,14 +35,14 @@ class ActorRollout(Worker):
 
     @register(Dispatch.ONE_TO_ALL)
     def init_model(self, config: dict[str, Any]) -> None:
-        self.cfg: DictConfig = as_config(config)
+        self.cfg: DictConfig = worker_config(config)
         self.init_distributed()
         torch.manual_seed(self.cfg.trainer.seed)
-        self.trainer = build_fsdp_engine(
+        self.trainer = build_train_engine(
             self.cfg, self.cfg.actor.model, self.cfg.actor.optim, value_head=False
         )
         self.rollout = build_rollout(self.cfg, self.rank)
-        self.tokenizer = self.rollout.llm.get_tokenizer()
+        self.tokenizer = self.rollout.tokenizer
         self.loss_cfg = PolicyLossConfig(**self.cfg.actor.policy_loss)
         self.sync_weights()  # vLLM loaded the checkpoint; this also proves the sync path at start-up
 

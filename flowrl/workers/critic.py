@@ -9,9 +9,9 @@ import torch
 from flowrl.algos import aggregate, value_loss
 from flowrl.batch import Batch
 from flowrl.controller import Dispatch, Worker, register
-from flowrl.engines.fsdp import Normalizer
+from flowrl.engines.base import Normalizer
 from flowrl.keys import Keys
-from flowrl.workers.engines import as_config, build_fsdp_engine
+from flowrl.workers.engines import build_train_engine, worker_config
 
 Metrics = dict[str, float]
 
@@ -21,10 +21,10 @@ class Critic(Worker):
 
     @register(Dispatch.ONE_TO_ALL)
     def init_model(self, config: dict[str, Any]) -> None:
-        self.cfg = as_config(config)
+        self.cfg = worker_config(config)
         self.init_distributed()
         c = self.cfg.critic
-        self.engine = build_fsdp_engine(self.cfg, c.model, c.optim, value_head=True)
+        self.engine = build_train_engine(self.cfg, c.model, c.optim, value_head=True)
 
     @register(Dispatch.DP_COMPUTE)
     def compute_values(self, batch: Batch) -> Batch:

@@ -1,76 +1,35 @@
-"""Build the engines of a worker from the run config (the one place that maps one onto the other)."""
+"""A worker's view of the run config and its engines, built by the backends the config names.
+
+Workers receive the run config as a plain dict (cheap to pickle). ``worker_config`` reads it
+back and imports ``trainer.plugins`` first, so estimators, losses and engines registered by
+the user's modules exist in this process before anything is built.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from flowrl.engines.fsdp import FSDPEngine, FSDPEngineConfig
-from flowrl.engines.optim import OptimizerConfig
-from flowrl.engines.vllm_rollout import VLLMRollout, VLLMRolloutConfig, replica_info
+from flowrl.engines.base import ROLLOUT_ENGINES, TRAIN_ENGINES, RolloutEngine, TrainEngine
+from flowrl.plugins import load_plugins
 
 
-def as_config(cfg: DictConfig | dict[str, Any]) -> DictConfig:
-    """Workers receive the run config as a plain dict (cheap to pickle); read it back typed-ish."""
-    return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+def worker_config(cfg: DictConfig | dict[str, Any]) -> DictConfig:
+    """The run config as a DictConfig, after importing the plugins it names."""
+    config = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    load_plugins(config.trainer.plugins)
+    return config
 
 
-def device_name(cfg: DictConfig) -> str:
-    if cfg.trainer.use_gpu and not torch.cuda.is_available():
-        raise RuntimeError("trainer.use_gpu=true but this worker sees no CUDA device")
-    return "cuda" if cfg.trainer.use_gpu else "cpu"
-
-
-def build_fsdp_engine(
+def build_train_engine(
     cfg: DictConfig, model: DictConfig, optim: DictConfig | None, value_head: bool, head_bias: bool = True
-) -> FSDPEngine:
-    """An FSDP2 engine for the policy, the reference (``optim=None``), the critic or the
-    reward model (``value_head`` without ``head_bias``)."""
-    optim_cfg = OptimizerConfig()
-    if optim is not None:
-        fields = OmegaConf.to_container(optim)
-        if fields["total_steps"] == 0:
-            fields["total_steps"] = cfg.trainer.total_steps * _updates_per_step(cfg)
-        optim_cfg = OptimizerConfig(**fields)
-    return FSDPEngine(
-        FSDPEngineConfig(
-            model_path=model.path,
-            value_head=value_head,
-            head_bias=head_bias,
-            device=device_name(cfg),
-            param_dtype=model.dtype,
-            gradient_checkpointing=model.gradient_checkpointing,
-            trim_padding=model.trim_padding,
-            gather_once_for_inference=model.gather_once_for_inference,
-            seed=cfg.trainer.seed,
-            optim=optim_cfg,
-        )
-    )
+) -> TrainEngine:
+    """The ``actor.backend`` engine for the policy, the reference (``optim=None``), the critic
+    or the reward model (``value_head`` without ``head_bias``)."""
+    return TRAIN_ENGINES.build(cfg.actor.backend, cfg, model, optim, value_head, head_bias)
 
 
-def _updates_per_step(cfg: DictConfig) -> int:
-    rollout_size = cfg.data.train_batch_size * cfg.rollout.n
-    return cfg.actor.epochs * max(1, rollout_size // cfg.actor.mini_batch_size)
-
-
-def build_rollout(cfg: DictConfig, rank: int) -> VLLMRollout:
-    """The colocated vLLM engine; each replica samples with its own seed.
-
-    With ``rollout.tensor_parallel_size`` T the ranks of one replica (T consecutive ranks)
-    share the seed: they must draw the same samples (``flowrl.engines.vllm_rollout``).
-    """
-    r = cfg.rollout
-    replica = replica_info(rank, cfg.trainer.num_workers, r.tensor_parallel_size).replica
-    return VLLMRollout(
-        VLLMRolloutConfig(
-            model_path=cfg.actor.model.path,
-            dtype=r.dtype,
-            max_model_len=cfg.data.prompts.max_prompt_length + r.max_response_length,
-            gpu_memory_utilization=r.gpu_memory_utilization,
-            enforce_eager=r.enforce_eager,
-            seed=cfg.trainer.seed + replica,
-            tensor_parallel_size=r.tensor_parallel_size,
-        )
-    )
+def build_rollout(cfg: DictConfig, rank: int) -> RolloutEngine:
+    """The ``rollout.backend`` engine of this rank."""
+    return ROLLOUT_ENGINES.build(cfg.rollout.backend, cfg, rank)

@@ -8,7 +8,7 @@ from flowrl.batch import Batch
 from flowrl.controller import Dispatch, Worker, register
 from flowrl.engines.memory import STAGE_PEAKS
 from flowrl.keys import Keys
-from flowrl.workers.engines import as_config, build_fsdp_engine
+from flowrl.workers.engines import build_train_engine, worker_config
 
 
 class Reference(Worker):
@@ -16,10 +16,10 @@ class Reference(Worker):
 
     @register(Dispatch.ONE_TO_ALL)
     def init_model(self, config: dict[str, Any]) -> None:
-        self.cfg = as_config(config)
+        self.cfg = worker_config(config)
         self.init_distributed()
         model = self.cfg.reference if self.cfg.reference is not None else self.cfg.actor.model
-        self.engine = build_fsdp_engine(self.cfg, model, optim=None, value_head=False)
+        self.engine = build_train_engine(self.cfg, model, optim=None, value_head=False)
 
     @register(Dispatch.DP_COMPUTE)
     def compute_ref_logprobs(self, batch: Batch) -> Batch:

@@ -17,9 +17,10 @@ import torch
 from flowrl.algos import bradley_terry_loss
 from flowrl.batch import Batch
 from flowrl.controller import Dispatch, Worker, register
-from flowrl.engines.fsdp import FSDPEngine, FSDPEngineConfig, Normalizer
+from flowrl.engines.base import Normalizer
+from flowrl.engines.fsdp import FSDPEngine, FSDPEngineConfig
 from flowrl.keys import Keys
-from flowrl.workers.engines import as_config, build_fsdp_engine
+from flowrl.workers.engines import build_train_engine, worker_config
 
 Metrics = dict[str, float]
 
@@ -36,7 +37,7 @@ def check_reward_model_folder(path: str, policy_path: str | None = None) -> None
     if not any(a.endswith("ForSequenceClassification") for a in archs):
         raise ValueError(
             f"reward_model.path={path} holds {archs or 'no architecture'}, not a *ForSequenceClassification: "
-            "its score head would be random. Train one with flowrl.algos.reward_model.train_reward_model"
+            "its score head would be random. Train one with flowrl.drivers.reward_model.train_reward_model"
         )
     labels = len(hf_config.get("id2label") or {}) or int(hf_config.get("num_labels", 1))
     if labels != 1:
@@ -56,12 +57,12 @@ class RewardModel(Worker):
 
     @register(Dispatch.ONE_TO_ALL)
     def init_model(self, config: dict[str, Any]) -> None:
-        self.cfg = as_config(config)
+        self.cfg = worker_config(config)
         if self.cfg.reward_model is None:
             raise ValueError("RewardModel.init_model: the run config has no reward_model section")
         check_reward_model_folder(self.cfg.reward_model.path, self.cfg.actor.model.path)
         self.init_distributed()
-        self.engine = build_fsdp_engine(self.cfg, self.cfg.reward_model, optim=None, value_head=True, head_bias=False)
+        self.engine = build_train_engine(self.cfg, self.cfg.reward_model, optim=None, value_head=True, head_bias=False)
 
     @register(Dispatch.DP_COMPUTE)
     def compute_scores(self, batch: Batch) -> Batch:
@@ -77,7 +78,7 @@ def pair_loss(micro: Batch, out: dict[str, torch.Tensor], norm: Normalizer) -> t
 
 
 class RewardModelTrainer(Worker):
-    """Trains a reward model on preference pairs (``flowrl.algos.reward_model`` drives it)."""
+    """Trains a reward model on preference pairs (``flowrl.drivers.reward_model`` drives it)."""
 
     @register(Dispatch.ONE_TO_ALL)
     def init_model(self, engine_config: FSDPEngineConfig, micro_batch_size: int) -> None:

@@ -16,7 +16,8 @@ from flowrl.batch import Batch
 from flowrl.controller import Dispatch, Worker, register
 from flowrl.data.dataset import pad_token_id
 from flowrl.data.sft import eos_token_id
-from flowrl.engines.fsdp import FSDPEngine, FSDPEngineConfig, Metrics, Normalizer
+from flowrl.engines.base import Metrics, Normalizer
+from flowrl.engines.fsdp import FSDPEngine, FSDPEngineConfig
 from flowrl.keys import Keys
 
 

@@ -16,7 +16,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
 work=${WORKDIR:-$(mktemp -d)}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
-python3 -c "from flowrl.perf import matmul_peak_flops as p; print(f'{p() / 1e12:.1f}')" | tee "$out/peak_tflops.txt"
+python3 -c "from bench.perf import matmul_peak_flops as p; print(f'{p() / 1e12:.1f}')" | tee "$out/peak_tflops.txt"
 peak=$(cat "$out/peak_tflops.txt")
 quiet() { grep -v " INFO \| WARNING \|it/s\]\|Warning:\|warnings.warn"; }
 for shape in $shapes; do

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from flowrl.checkpoint import find_latest, list_checkpoints
+from flowrl.trainer.checkpoint import find_latest, list_checkpoints
 from flowrl.models.tiny import make_tiny_model
 from flowrl.tasks.arithmetic import write_splits
-from flowrl.tracking import read_metrics
+from flowrl.trainer.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ from flowrl.algos.registry import ESTIMATORS
 from flowrl.config import load_config
 from flowrl.models.tiny import make_tiny_model
 from flowrl.tasks.arithmetic import write_splits
-from flowrl.tracking import read_metrics
+from flowrl.trainer.tracking import read_metrics
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "new_algorithm.md"
 

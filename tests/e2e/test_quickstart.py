@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from flowrl.cli import main
-from flowrl.tracking import read_metrics
+from flowrl.trainer.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 

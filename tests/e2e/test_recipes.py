@@ -4,12 +4,12 @@ import os
 
 import pytest
 
-from flowrl.checkpoint import find_latest
-from flowrl.cli import DRIVERS
+from flowrl.trainer.checkpoint import find_latest
+from flowrl.drivers.registry import BUILTIN_DRIVERS as DRIVERS
 from flowrl.config import load_config
 from flowrl.models.tiny import make_tiny_model
 from flowrl.tasks.arithmetic import write_splits
-from flowrl.tracking import read_metrics
+from flowrl.trainer.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -5,12 +5,12 @@ reward model colocated with the actor)."""
 import pytest
 
 from flowrl.algos import ppo
-from flowrl.algos.reward_model import train_reward_model
+from flowrl.drivers.reward_model import train_reward_model
 from flowrl.config import load_config
 from flowrl.controller import init_ray
 from flowrl.models.tiny import make_tiny_model
 from flowrl.tasks.arithmetic import write_splits
-from flowrl.tracking import read_metrics
+from flowrl.trainer.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 

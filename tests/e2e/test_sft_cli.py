@@ -16,7 +16,7 @@ from flowrl.cli import main
 from flowrl.keys import Keys
 from flowrl.models.tiny import make_tiny_model
 from flowrl.tasks.arithmetic import write_splits
-from flowrl.tracking import read_metrics
+from flowrl.trainer.tracking import read_metrics
 from tests.integration.multirank import run_plain
 
 pytestmark = pytest.mark.slow  # ~70 s, vLLM's start included

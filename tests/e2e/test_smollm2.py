@@ -97,7 +97,7 @@ def test_grpo_recipe_runs_a_step_on_the_real_model(exported, tmp_path):
     policy through the whole hybrid path (FSDP2 trainer, vLLM sampler, weight sync)."""
     from flowrl.cli import main
     from flowrl.tasks.arithmetic import write_splits
-    from flowrl.tracking import read_metrics
+    from flowrl.trainer.tracking import read_metrics
 
     data = write_splits(tmp_path / "data", n_train=8, n_test=4, level=1, seed=0)
     run_dir = tmp_path / "run"

@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from flowrl.algos.reward_model import train_reward_model
+from flowrl.drivers.reward_model import train_reward_model
 from flowrl.batch import Batch
 from flowrl.config import load_config
 from flowrl.controller import ResourcePool, WorkerGroup, init_ray
@@ -24,7 +24,7 @@ from flowrl.data import PromptDataConfig, PromptDataset, read_rows, right_pad, w
 from flowrl.keys import Keys
 from flowrl.models.tiny import make_tiny_model
 from flowrl.tasks.arithmetic import write_splits
-from flowrl.tracking import read_metrics
+from flowrl.trainer.tracking import read_metrics
 from flowrl.workers.reward_model import RewardModel
 
 pytestmark = pytest.mark.slow

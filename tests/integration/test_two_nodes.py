@@ -17,7 +17,7 @@ from flowrl.batch import Batch
 from flowrl.config import load_config
 from flowrl.keys import Keys
 from flowrl.models.tiny import make_tiny_model
-from flowrl.placement import connect_ray, place_workers, shutdown_groups
+from flowrl.trainer.placement import connect_ray, place_workers, shutdown_groups
 from tests.integration.located import LocatedCritic
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,9 @@ import ray
 from flowrl.cli import main
 from flowrl.config import load_config
 from flowrl.models.tiny import TinyModelConfig, make_tiny_model
-from flowrl.preflight import load_inputs
+from flowrl.trainer.preflight import load_inputs
 from flowrl.rewards import RewardRunner, reward_metrics
-from flowrl.steps import data_metrics
+from flowrl.trainer.loop import data_metrics
 from tests.unit import misbehaving_rewards as bad_rewards
 
 RECIPE = "recipes/grpo_arithmetic_tiny.yaml"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowrl import checkpoint as ck
+from flowrl.engines import rng
+from flowrl.trainer import checkpoint as ck
 from flowrl.algos.kl import AdaptiveKLController
 from flowrl.config import load_config
 from flowrl.data.sampler import PromptSampler
@@ -63,14 +64,42 @@ def test_read_checkpoint_errors_name_the_folder(tmp_path):
 
 def test_rng_states_round_trip_bitwise(tmp_path):
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
-    ck.save_rng(tmp_path / "rng" / "rank0.pt")
+    rng.save_rng(tmp_path / "rng" / "rank0.pt")
     expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
     torch.manual_seed(9), np.random.seed(9), random.seed(9)
-    ck.load_rng(tmp_path / "rng" / "rank0.pt")
+    rng.load_rng(tmp_path / "rng" / "rank0.pt")
     got = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
-    with pytest.raises(ck.CheckpointError, match="rank5.pt: missing RNG state"):
-        ck.load_rng(tmp_path / "rng" / "rank5.pt")
+    with pytest.raises(rng.RNGStateError, match="rank5.pt: missing RNG state"):
+        rng.load_rng(tmp_path / "rng" / "rank5.pt")
+
+
+def test_rng_state_with_cached_gaussians_round_trips(tmp_path):
+    np.random.seed(4), random.seed(5)
+    np.random.randn(), random.gauss(0.0, 1.0)  # both generators now hold a cached second normal
+    rng.save_rng(tmp_path / "r.pt")
+    expected = (np.random.randn(3), [random.gauss(0.0, 1.0) for _ in range(3)])
+    np.random.seed(0), random.seed(0)
+    rng.load_rng(tmp_path / "r.pt")
+    assert np.array_equal(np.random.randn(3), expected[0]) and [random.gauss(0.0, 1.0) for _ in range(3)] == expected[1]
+
+
+class _Payload:
+    """Unpickling this runs code: what a tampered checkpoint file could carry."""
+
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_tampered_rng_file_with_a_pickle_payload_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rng.save_rng(tmp_path / "r.pt")
+    state = torch.load(tmp_path / "r.pt", weights_only=True)
+    state["python"]["gauss_next"] = _Payload()
+    torch.save(state, tmp_path / "r.pt")  # a file that would run `touch PWNED` if unpickled freely
+    with pytest.raises(rng.RNGStateError, match="r.pt: not an RNG state written by flowrl"):
+        rng.load_rng(tmp_path / "r.pt")
+    assert not (tmp_path / "PWNED").exists()
 
 
 class FakeGroup:
@@ -91,10 +120,10 @@ class FakeGroup:
         self.loaded = path
 
     def save_rng_state(self, checkpoint):
-        ck.save_rng(ck.worker_rng_path(checkpoint, 0))
+        rng.save_rng(rng.worker_rng_path(checkpoint, 0))
 
     def load_rng_state(self, checkpoint):
-        ck.load_rng(ck.worker_rng_path(checkpoint, 0))
+        rng.load_rng(rng.worker_rng_path(checkpoint, 0))
 
 
 def _runtime(tmp_path, *overrides):

@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from flowrl.controller.errors import WorkerError
-from flowrl.faults import (
+from flowrl.trainer.faults import (
     BadStepGuard,
     GracefulStop,
     RunInterrupted,
@@ -16,7 +16,7 @@ from flowrl.faults import (
     run_training,
     worker_failure_line,
 )
-from flowrl.preflight import InputError
+from flowrl.trainer.preflight import InputError
 
 
 class Usage(ValueError):

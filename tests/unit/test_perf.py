@@ -7,7 +7,7 @@ import torch
 
 from flowrl.engines.memory import StagePeaks, max_over_ranks
 from flowrl.models.shapes import parameter_count
-from flowrl.perf import count_folder_parameters, matmul_peak_flops, stage_shares, steady_state, step_mfu
+from bench.perf import count_folder_parameters, matmul_peak_flops, stage_shares, steady_state, step_mfu
 
 
 def test_step_mfu_counts_12_flops_per_parameter_token() -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from flowrl.cli import DRIVERS
+from flowrl.drivers.registry import BUILTIN_DRIVERS as DRIVERS
 from flowrl.config import load_config
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flowrl.algos import bradley_terry_loss, last_token_index, pair_accuracy
-from flowrl.algos.reward_model import RewardModelTrainConfig
+from flowrl.drivers.reward_model import RewardModelTrainConfig
 from flowrl.batch import Batch
 from flowrl.config import ConfigError, load_config
 from flowrl.engines.fsdp import Normalizer

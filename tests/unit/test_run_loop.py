@@ -1,6 +1,6 @@
 """The training loop's wiring of checkpoints, resume, the NaN/Inf guard and Ctrl-C.
 
-``steps.run`` runs here over a fake runtime (no Ray): its worker group stands for the
+``loop.run`` runs here over a fake runtime (no Ray): its worker group stands for the
 real one (whose save/load are tested on real runs in tests/e2e/test_fault_injection.py).
 """
 
@@ -10,12 +10,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from flowrl import steps
-from flowrl.checkpoint import find_latest, list_checkpoints
+from flowrl.trainer import loop
+from flowrl.trainer.checkpoint import find_latest, list_checkpoints
 from flowrl.config import load_config
 from flowrl.data.sampler import PromptSampler
-from flowrl.faults import RunInterrupted, TrainingDiverged
-from flowrl.tracking import Tracker, read_metrics
+from flowrl.trainer.faults import RunInterrupted, TrainingDiverged
+from flowrl.trainer.tracking import Tracker, read_metrics
 from tests.unit.test_checkpoint import FakeGroup
 
 
@@ -45,7 +45,7 @@ def built(monkeypatch):
         made.append(fake_runtime(cfg))
         return made[-1]
 
-    monkeypatch.setattr(steps, "build_runtime", build)
+    monkeypatch.setattr(loop, "build_runtime", build)
     return made
 
 
@@ -70,13 +70,13 @@ def step_fn(skipped_at=(), interrupt_at=None, signal_at=None):
 
 
 def test_checkpoints_every_n_and_resume_continues_without_duplicate_steps(tmp_path, built):
-    steps.run(config(tmp_path, "trainer.save_every=2", "trainer.keep_last=5"), step_fn())
+    loop.run(config(tmp_path, "trainer.save_every=2", "trainer.keep_last=5"), step_fn())
     full = read_metrics(str(tmp_path))
     assert [c.step for c in list_checkpoints(tmp_path / "checkpoints")] == [2, 4, 5]
     assert built[0].closed
 
     os.remove(find_latest(tmp_path / "checkpoints").path + "/driver.json")  # step 5's save never finished
-    steps.run(config(tmp_path, "trainer.save_every=2", "trainer.resume=auto"), step_fn())
+    loop.run(config(tmp_path, "trainer.save_every=2", "trainer.resume=auto"), step_fn())
     rows = read_metrics(str(tmp_path))
     assert built[1].actor.loaded.endswith("step_00000004/actor")
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 5]  # step 5 once, then the final evaluation row
@@ -86,7 +86,7 @@ def test_checkpoints_every_n_and_resume_continues_without_duplicate_steps(tmp_pa
 def test_nan_steps_are_counted_and_stop_the_run_after_max_in_a_row(tmp_path, built):
     cfg = config(tmp_path, "trainer.save_every=1", "trainer.max_bad_steps=2", "trainer.total_steps=9")
     with pytest.raises(TrainingDiverged, match=r"steps 3-4: 2 steps in a row .* last good checkpoint: .*step_00000003"):
-        steps.run(cfg, step_fn(skipped_at={1, 3, 4}))
+        loop.run(cfg, step_fn(skipped_at={1, 3, 4}))
     rows = read_metrics(str(tmp_path))
     assert [(r["step"], r["train/bad_step"], r["train/bad_steps_in_a_row"]) for r in rows[1:]] == [
         (1, 1.0, 1.0), (2, 0.0, 0.0), (3, 1.0, 1.0), (4, 1.0, 2.0)
@@ -98,23 +98,23 @@ def test_nan_steps_are_counted_and_stop_the_run_after_max_in_a_row(tmp_path, bui
 def test_ctrl_c_finishes_the_step_saves_and_stops(tmp_path, built):
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup/background shells
     with pytest.raises(RunInterrupted, match=r"after step 2; checkpoint .*step_00000002"):
-        steps.run(config(tmp_path), step_fn(interrupt_at=2))
+        loop.run(config(tmp_path), step_fn(interrupt_at=2))
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1, 2]
     assert find_latest(tmp_path / "checkpoints").step == 2 and built[0].closed
     assert signal.getsignal(signal.SIGINT) is before  # the run's handler is gone again
 
-    result = steps.run(config(tmp_path, "trainer.resume=auto"), step_fn())
+    result = loop.run(config(tmp_path, "trainer.resume=auto"), step_fn())
     assert result == {} and built[1].actor.weights == 5.0  # 2 restored + 3 more steps
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1, 2, 3, 4, 5, 5]
 
 
 def test_ctrl_c_without_save_on_interrupt(tmp_path, built):
     with pytest.raises(RunInterrupted, match="after step 1; no checkpoint"):
-        steps.run(config(tmp_path, "trainer.save_on_interrupt=false"), step_fn(interrupt_at=1))
+        loop.run(config(tmp_path, "trainer.save_on_interrupt=false"), step_fn(interrupt_at=1))
     assert find_latest(tmp_path / "checkpoints") is None
 
 
 def test_sigusr1_saves_a_checkpoint_on_demand_and_training_goes_on(tmp_path, built):
-    steps.run(config(tmp_path, "trainer.keep_last=5"), step_fn(signal_at=2))  # save_every=0: only the last
+    loop.run(config(tmp_path, "trainer.keep_last=5"), step_fn(signal_at=2))  # save_every=0: only the last
     assert [c.step for c in list_checkpoints(tmp_path / "checkpoints")] == [2, 5]
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1, 2, 3, 4, 5, 5]

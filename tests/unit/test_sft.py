@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flowrl.algos import aggregate, sft_loss
-from flowrl.algos.sft import SFTConfig
+from flowrl.drivers.sft import SFTConfig
 from flowrl.cli import field_comments, main
 from flowrl.data import SFTDataset, write_rows
 from flowrl.keys import Keys

@@ -3,7 +3,7 @@ import time
 import pytest
 import torch
 
-from flowrl.tracking import Timer, Tracker, mean_metrics, read_metrics
+from flowrl.trainer.tracking import Timer, Tracker, mean_metrics, read_metrics
 
 
 def test_jsonl_rows_roundtrip_and_skip_torn_line(tmp_path):
@@ -39,7 +39,7 @@ def test_unknown_sink_is_refused(tmp_path):
 # ---- the progress sink --------------------------------------------------------------------
 import io  # noqa: E402
 
-from flowrl.tracking import Progress, clock_time, plain_meter  # noqa: E402
+from flowrl.trainer.tracking import Progress, clock_time, plain_meter  # noqa: E402
 
 
 class FakeClock:

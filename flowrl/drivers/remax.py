@@ -14,13 +14,17 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from flowrl import steps
 from flowrl.algos import compute_advantages
 from flowrl.algos.config import AdvantageConfig
 from flowrl.batch import Batch
+from flowrl.drivers import steps
+from flowrl.drivers.registry import DriverSpec
 from flowrl.keys import Keys
-from flowrl.runtime import Runtime
-from flowrl.tracking import Timer
+from flowrl.trainer import loop
+from flowrl.trainer.runtime import Runtime
+from flowrl.trainer.tracking import Timer
+
+SPEC = DriverSpec(provides=(Keys.BASELINE_SCORES,))  # what config validation asks of this driver
 
 
 def greedy_baseline(rt: Runtime, batch: Batch, n: int) -> Batch:
@@ -53,4 +57,4 @@ def train_step(rt: Runtime) -> dict[str, float]:
 
 def main(cfg: DictConfig) -> dict[str, float]:
     """Train for ``trainer.total_steps``; returns the validation metrics before and after."""
-    return steps.run(cfg, train_step)
+    return loop.run(cfg, train_step)

@@ -1,14 +1,10 @@
-"""Steps that several drivers share: rollout, scoring, rewards with KL, evaluation, metrics.
+"""Steps that several RL drivers share: rollout, scoring, rewards with KL, the step's metrics.
 
 Each is a small function over the runtime and a Batch; algorithm-specific steps stay in
-their driver (ReMax's greedy baseline lives in ``flowrl/algos/remax.py``).
+their driver (ReMax's greedy baseline lives in ``flowrl/drivers/remax.py``).
 """
 
 from __future__ import annotations
-
-import json
-import os
-from collections.abc import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -17,13 +13,11 @@ from flowrl.algos import apply_kl_penalty, make_kl_controller, masked_mean, toke
 from flowrl.algos.config import KLControllerConfig
 from flowrl.algos.kl import FixedKLController
 from flowrl.batch import Batch
-from flowrl.checkpoint import Checkpointer, Stateful
 from flowrl.engines.memory import max_over_ranks
-from flowrl.faults import BadStepGuard, GracefulStop, RunInterrupted
 from flowrl.keys import Keys
 from flowrl.rewards import reward_metrics
-from flowrl.runtime import Runtime, build_runtime
-from flowrl.tracking import Timer, mean_metrics
+from flowrl.trainer.runtime import Runtime
+from flowrl.trainer.tracking import Timer, mean_metrics
 
 Metrics = dict[str, float]
 
@@ -67,47 +61,8 @@ def learn(rt: Runtime, timer: Timer, batch: Batch, metrics: Metrics) -> Metrics:
     return metrics
 
 
-def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics], state: dict[str, Stateful] | None = None) -> Metrics:
-    """The outer loop every driver shares: evaluate, ``train_step`` per step, evaluate, log.
-
-    ``state`` holds the driver's own resumable objects (e.g. a KL controller); checkpoints,
-    resume, the NaN/Inf guard and Ctrl-C are handled here (docs/reliability.md).
-    Returns the validation metrics before (``*_before``, fresh runs only) and after training.
-    With ``trainer.save_policy`` the final policy is written to ``RUN_DIR/policy``, a
-    Hugging Face folder that transformers and vLLM load.
-    """
-    rt = build_runtime(cfg)
-    ckpt, guard = Checkpointer(rt, state), BadStepGuard(cfg.trainer.max_bad_steps)
-    try:
-        with GracefulStop() as stop:
-            start = ckpt.resume()
-            before = {} if start else {f"{k}_before": v for k, v in evaluate(rt).items()}
-            if not start:
-                rt.tracker.log(0, before | data_metrics(rt))
-            for step in range(start + 1, cfg.trainer.total_steps + 1):
-                rt.begin_step(step)
-                metrics = guard.count(train_step(rt))
-                if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
-                    metrics |= evaluate(rt)
-                rt.tracker.log(step, metrics)
-                end_step(cfg, step, ckpt, guard, stop)
-        after = evaluate(rt, samples_path=os.path.join(cfg.trainer.run_dir, "val_samples.jsonl"))
-        rt.tracker.log(cfg.trainer.total_steps, after)
-        if cfg.trainer.save_policy:
-            rt.actor.save_hf(os.path.abspath(os.path.join(cfg.trainer.run_dir, "policy")))
-        return {**before, **after}
-    finally:
-        rt.shutdown()
 
 
-def end_step(cfg: DictConfig, step: int, ckpt: Checkpointer, guard: BadStepGuard, stop: GracefulStop) -> None:
-    """After a logged step: stop on too many NaN/Inf steps, checkpoint when due or asked, stop when asked."""
-    guard.check(step, ckpt.last.path if ckpt.last else None)
-    asked = stop.take_save_request() or (stop.requested and cfg.trainer.save_on_interrupt)
-    if ckpt.due(step) or asked:
-        ckpt.save(step)
-    if stop.requested:
-        raise RunInterrupted(step, ckpt.last.path if ckpt.last else None)
 
 
 def rollout(rt: Runtime, prompts: Batch, n: int, temperature: float | None = None) -> Batch:
@@ -208,33 +163,3 @@ def sync_metrics(per_rank: list[Metrics]) -> Metrics:
     gb = sum(m["bytes"] for m in per_rank) / 1e9
     return {"perf/weight_sync_s": seconds, "perf/weight_sync_gb_per_s": gb / max(seconds, 1e-9)}
 
-
-def data_metrics(rt: Runtime) -> Metrics:
-    """How many training prompts the length limit filtered or truncated (logged at step 0)."""
-    stats = getattr(rt.train_data.dataset, "stats", {})
-    return {f"data/train_{k.removeprefix('n_')}": float(v) for k, v in stats.items()}
-
-
-def evaluate(rt: Runtime, chunk: int = 64, samples_path: str | None = None) -> Metrics:
-    """Greedy accuracy on the validation prompts (mean score; a score of 1 is a correct answer).
-
-    With ``samples_path``, each prompt's text, greedy response, ground truth and score go
-    to that JSONL file (the final evaluation writes ``RUN_DIR/val_samples.jsonl``).
-    """
-    if rt.val_data is None:
-        return {}
-    n = len(rt.val_data)
-    if rt.cfg.data.val_max_samples > 0:
-        n = min(n, rt.cfg.data.val_max_samples)
-    scores, samples = [], []
-    for start in range(0, n, chunk):
-        prompts = rt.val_data.collate(list(range(start, min(n, start + chunk))))
-        out = rt.actor.generate(prompts, n=1, temperature=0.0)
-        scores.append(rt.rewards.score(out)[Keys.SCORES])
-        fields = (out[Keys.PROMPT_TEXT], out[Keys.RESPONSE_TEXT], out[Keys.GROUND_TRUTH], scores[-1].tolist())
-        samples += [dict(zip(("prompt", "response", "ground_truth", "score"), row)) for row in zip(*fields)]
-    if samples_path is not None:
-        with open(samples_path, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in samples)
-    all_scores = torch.cat(scores)  # [N]
-    return {"val/accuracy": float((all_scores >= 1.0).float().mean()), "val/score": float(all_scores.mean())}

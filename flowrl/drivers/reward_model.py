@@ -30,7 +30,7 @@ from flowrl.data import DataLoader, PreferenceDataset, SequenceDataConfig
 from flowrl.engines.fsdp import FSDPEngineConfig
 from flowrl.engines.optim import OptimizerConfig
 from flowrl.keys import Keys
-from flowrl.tracking import Tracker, mean_metrics
+from flowrl.trainer.tracking import Tracker, mean_metrics
 from flowrl.workers.reward_model import RewardModelTrainer
 
 Metrics = dict[str, float]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import time
@@ -30,17 +29,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import torch
 
+from flowrl.engines.rng import WORKER_RNG, capture_rng, read_rng, restore_rng
+
 if TYPE_CHECKING:
-    from flowrl.runtime import Runtime
+    from flowrl.trainer.runtime import Runtime
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 DRIVER_STATE = "driver.json"
 DRIVER_RNG = "driver_rng.pt"
-WORKER_RNG = "worker_rng"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -150,42 +149,6 @@ def prune(root: str | os.PathLike, keep_last: int) -> list[str]:
     return [ref.path for ref in old]
 
 
-# ---- RNG state -------------------------------------------------------------------------------
-def capture_rng() -> dict[str, Any]:
-    """torch, numpy and python RNG states of this process (and CUDA's when present)."""
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_rng(path: str | os.PathLike) -> None:
-    os.makedirs(os.path.dirname(os.fspath(path)), exist_ok=True)
-    torch.save(capture_rng(), path)
-
-
-def load_rng(path: str | os.PathLike) -> None:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing RNG state; the checkpoint was written by a different number of ranks")
-    restore_rng(torch.load(path, weights_only=False))
-
-
-def worker_rng_path(checkpoint: str | os.PathLike, rank: int) -> str:
-    return os.path.join(checkpoint, WORKER_RNG, f"rank{rank}.pt")
-
-
 # ---- the run's checkpoints -------------------------------------------------------------------
 class Checkpointer:
     """Saves and restores a whole run through the runtime's worker groups.
@@ -274,7 +237,7 @@ class Checkpointer:
         for name, group in self._groups().items():
             group.load(os.path.join(ref.path, name))
         self.rt.actor.load_rng_state(ref.path)
-        restore_rng(torch.load(os.path.join(ref.path, DRIVER_RNG), weights_only=False))
+        restore_rng(read_rng(os.path.join(ref.path, DRIVER_RNG)))
         self.rt.train_data.load_state_dict(state["sampler"])
         for name, obj in self.state.items():
             obj.load_state_dict(state["state"][name])

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from flowrl import steps
 from flowrl.algos import compute_advantages
 from flowrl.algos.config import AdvantageConfig
 from flowrl.algos.kl import FixedKLController
+from flowrl.drivers import steps
+from flowrl.drivers.registry import DriverSpec
 from flowrl.keys import Keys
-from flowrl.runtime import Runtime
-from flowrl.tracking import Timer
+from flowrl.trainer import loop
+from flowrl.trainer.runtime import Runtime
+from flowrl.trainer.tracking import Timer
+
+SPEC = DriverSpec(kl_in_reward=True)  # what config validation asks of this driver
 
 
 def train_step(rt: Runtime, kl_ctrl: FixedKLController | None) -> dict[str, float]:
@@ -46,4 +50,4 @@ def main(cfg: DictConfig) -> dict[str, float]:
     """Train for ``trainer.total_steps``; returns the validation metrics before and after."""
     kl_ctrl = steps.kl_controller(cfg)
     state = {"kl_ctrl": kl_ctrl} if kl_ctrl is not None else {}
-    return steps.run(cfg, lambda rt: train_step(rt, kl_ctrl), state)
+    return loop.run(cfg, lambda rt: train_step(rt, kl_ctrl), state)

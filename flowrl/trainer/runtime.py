@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from flowrl.batch import Batch
 from flowrl.controller import WorkerGroup
 from flowrl.data import DataLoader, PromptDataset
-from flowrl.placement import connect_ray, place_workers, shutdown_groups
-from flowrl.preflight import check_run_inputs, load_inputs
+from flowrl.trainer.placement import connect_ray, place_workers, shutdown_groups
+from flowrl.trainer.preflight import check_run_inputs, load_inputs
 from flowrl.rewards import RewardRunner
-from flowrl.tracking import Tracker
+from flowrl.trainer.tracking import Tracker
 from flowrl.workers.actor_rollout import ActorRollout
 from flowrl.workers.critic import Critic
 from flowrl.workers.reference import Reference

@@ -18,7 +18,7 @@ from typing import Any, cast
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from flowrl.checkpoint import CHECKPOINTS, CheckpointError, check_compatible, find_latest, read_checkpoint
+from flowrl.trainer.checkpoint import CHECKPOINTS, CheckpointError, check_compatible, find_latest, read_checkpoint
 from flowrl.data import DataLoader, PromptDataset
 from flowrl.data.dataset import PromptDataConfig
 from flowrl.data.rows import RowError

@@ -36,7 +36,7 @@ from flowrl.data.sft import SequenceDataConfig, SFTDataset
 from flowrl.engines.fsdp import DTYPES, FSDPEngineConfig
 from flowrl.engines.optim import OptimizerConfig
 from flowrl.keys import Keys
-from flowrl.tracking import Tracker
+from flowrl.trainer.tracking import Tracker
 from flowrl.workers.sft import SFTWorker
 
 Metrics = dict[str, float]

@@ -142,9 +142,9 @@ def run_training(main: Callable[[Any], Mapping[str, float]], cfg: Any, usage_err
     Exit status: 0 done; 2 a bad input (``usage_error``, raised); 130 stopped by the user;
     1 a worker failure or a diverged run (the message names the last checkpoint).
     """
-    from flowrl.checkpoint import CHECKPOINTS, find_latest
+    from flowrl.trainer.checkpoint import CHECKPOINTS, find_latest
     from flowrl.controller.errors import WorkerError
-    from flowrl.preflight import InputError
+    from flowrl.trainer.preflight import InputError
 
     def say(line: str) -> None:
         print(f"flowrl train: {line}", file=sys.stderr, flush=True)
