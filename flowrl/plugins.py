@@ -10,6 +10,8 @@ means the same thing everywhere.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Iterable
 from types import ModuleType
 from typing import Any
@@ -23,6 +25,8 @@ def import_module(name: str, what: str) -> ModuleType:
     """Import module ``name``; ``what`` says where it was named (e.g. ``trainer.plugins``)."""
     if not name or not all(part.isidentifier() for part in name.split(".")):
         raise PluginError(f"{what}={name!r} is not a module path like 'my_pkg.my_module'")
+    if os.getcwd() not in sys.path:  # `flowrl train` run from the user's project finds its modules
+        sys.path.append(os.getcwd())
     try:
         return importlib.import_module(name)
     except ImportError as e:
@@ -50,3 +54,12 @@ def load_attr(path: str, what: str, noun: str = "name") -> Any:
 def load_plugins(modules: Iterable[str], what: str = "trainer.plugins") -> list[ModuleType]:
     """Import every plugin module once (importing again is a no-op); returns them in order."""
     return [import_module(name, what) for name in modules]
+
+
+def plugin_modules(trainer: Any) -> list[str]:
+    """What a process imports before it builds anything: ``trainer.plugins``, then the driver
+    module when ``trainer.algorithm`` is a module path (it usually registers what it uses)."""
+    modules = list(trainer.plugins)
+    if "." in trainer.algorithm and trainer.algorithm not in modules:
+        modules.append(trainer.algorithm)
+    return modules

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import re
 import subprocess
 import sys
@@ -353,9 +354,7 @@ def check_raw_keys(root: Path, not_batch_keys: dict[tuple[str, str], str] | None
 
 # ---- 4. mypy -------------------------------------------------------------------------------
 def check_mypy(root: Path) -> list[Violation]:
-    try:
-        import mypy  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("mypy") is None:
         return [Violation("pyproject.toml", 1, "mypy is not installed; pip install -e '.[test]'")]
     paths = [p for p in MYPY_PATHS if (root / p).exists()]
     proc = subprocess.run(

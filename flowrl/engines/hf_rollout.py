@@ -100,7 +100,7 @@ class HFRollout:
                 prompt,
                 attention_mask=torch.ones_like(prompt),
                 do_sample=not greedy,
-                num_return_sequences=n,
+                num_return_sequences=1 if greedy else n,  # greedy: one answer, repeated below
                 max_new_tokens=max_tokens,
                 eos_token_id=None if ignore_eos else self.eos_token_id,
                 pad_token_id=self.pad_token_id,
@@ -117,7 +117,7 @@ class HFRollout:
             if not ignore_eos and self.eos_token_id in row:
                 length = row.index(self.eos_token_id) + 1
             rows.append((row[:length], lp[:length]))
-        return rows
+        return rows * n if greedy else rows
 
     def _fields(self, rows: list[tuple[list[int], list[float]]], width: int, ignore_eos: bool) -> dict[str, Any]:
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # [B*n, R]

@@ -1,7 +1,7 @@
 """A worker's view of the run config and its engines, built by the backends the config names.
 
 Workers receive the run config as a plain dict (cheap to pickle). ``worker_config`` reads it
-back and imports ``trainer.plugins`` first, so estimators, losses and engines registered by
+back and imports ``trainer.plugins`` (and a driver named by module path) first, so estimators, losses and engines registered by
 the user's modules exist in this process before anything is built.
 """
 
@@ -12,13 +12,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from flowrl.engines.base import ROLLOUT_ENGINES, TRAIN_ENGINES, RolloutEngine, TrainEngine
-from flowrl.plugins import load_plugins
+from flowrl.plugins import load_plugins, plugin_modules
 
 
 def worker_config(cfg: DictConfig | dict[str, Any]) -> DictConfig:
     """The run config as a DictConfig, after importing the plugins it names."""
     config = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    load_plugins(config.trainer.plugins)
+    load_plugins(plugin_modules(config.trainer))
     return config
 
 
