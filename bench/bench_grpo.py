@@ -98,7 +98,7 @@ def overrides(args: argparse.Namespace, model: Path, data: str, run_dir: Path) -
 
 
 def run_steps(args: argparse.Namespace, model: Path, data: str, run_dir: Path) -> list[dict[str, float]]:
-    from flowrl.algos import grpo
+    from flowrl.drivers import grpo
     from flowrl.config import load_config
     from flowrl.trainer.runtime import build_runtime
 

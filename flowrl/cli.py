@@ -2,7 +2,10 @@
 
     flowrl quickstart [--seed S]                  SFT then GRPO on CPU in minutes (flowrl/quickstart.py)
     flowrl train RECIPE.yaml [key=value ...]      RL with a recipe (flowrl/config.py)
-    flowrl sft --model-path DIR --train-files F   supervised fine-tuning (flowrl/drivers/sft.py)
+    flowrl sft [RECIPE.yaml] [key=value ...] [--model-path DIR --train-files F ...]
+                                                  supervised fine-tuning (flowrl/drivers/sft.py)
+    flowrl rm [RECIPE.yaml] [key=value ...] [--model-path DIR ...]
+                                                  reward-model training (flowrl/drivers/reward_model.py)
     flowrl export SRC [--base DIR] [--out DIR]    a Hugging Face folder from a checkpoint
     flowrl eval MODEL_DIR DATA [...]              accuracy of a model on RL rows (flowrl/evaluation.py)
     flowrl plot RUN_DIR [--out PNG]               curves of a run's metrics.jsonl (flowrl/plot.py)
@@ -40,12 +43,50 @@ def train(args: argparse.Namespace) -> int:
     return run_training(load_driver(cfg.trainer.algorithm).main, cfg, UsageError)
 
 
+def dataclass_from_recipe(args: argparse.Namespace, cls: type, flags: dict[str, Any]) -> Any:
+    """``cls`` from ``[RECIPE.yaml] [key=value ...]`` plus the ``--flags`` given (flags win).
+
+    Unknown keys and wrong types name the key; a missing required field exits like argparse.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from flowrl.config import ConfigError, merge_recipe
+
+    words = list(args.recipe_and_overrides)
+    recipe = words.pop(0) if words and not _is_override(words[0]) else None
+    bad = [w for w in words if not _is_override(w)]
+    if bad:
+        raise UsageError(f"{bad[0]!r}: give the recipe first, then key=value overrides")
+    try:
+        cfg = merge_recipe(OmegaConf.structured(cls), recipe, words)
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(flags))
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    except OmegaConfBaseException as e:
+        raise UsageError(f"options: {str(e).splitlines()[0]}") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        options = ", ".join("--" + k.replace("_", "-") for k in missing)
+        args.parser.error(f"the following arguments are required: {options} (or {missing[0]}: in a recipe)")
+    return OmegaConf.to_object(cfg)
+
+
+def _is_override(word: str) -> bool:
+    return "=" in word and not word.endswith((".yaml", ".yml"))
+
+
+def _given(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The options given on the command line (defaults stay in the dataclass)."""
+    ignore = {"command", "run", "parser", "recipe_and_overrides", *skip}
+    return {k: v for k, v in vars(args).items() if k not in ignore}
+
+
 def sft(args: argparse.Namespace) -> int:
     from flowrl.drivers.sft import SFTConfig, SFTDataError, train_sft
 
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig) if hasattr(args, f.name)}
     try:
-        cfg = SFTConfig(**fields)
+        cfg = dataclass_from_recipe(args, SFTConfig, _given(args))
     except ValueError as e:
         raise UsageError(str(e).removeprefix("sft: ")) from None
     try:
@@ -57,19 +98,26 @@ def sft(args: argparse.Namespace) -> int:
     return 0
 
 
-def rm(args: argparse.Namespace) -> int:
-    from flowrl.drivers.reward_model import train_reward_model
-    from flowrl.data.rows import RowError
+RM_LOOP_FLAGS = ("save_every", "keep_last", "resume", "max_bad_steps")
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
-    if not os.path.isdir(args.model_path):
-        raise UsageError(f"--model-path {args.model_path}: no such folder (a Hugging Face model folder)")
+
+def rm(args: argparse.Namespace) -> int:
+    from flowrl.data.rows import RowError
+    from flowrl.drivers.reward_model import RewardModelTrainConfig, run
+
+    flags = _given(args, skip=("lr", *RM_LOOP_FLAGS))
+    if "lr" in args:
+        flags["optim"] = {"lr": args.lr}
+    flags["loop"] = {k: getattr(args, k) for k in RM_LOOP_FLAGS if k in args}
     try:
-        result = train_reward_model(**given)
+        cfg = dataclass_from_recipe(args, RewardModelTrainConfig, flags)
+        if not os.path.isdir(cfg.model_path):
+            raise UsageError(f"--model-path {cfg.model_path}: no such folder (a Hugging Face model folder)")
+        result = run(cfg)
     except (ValueError, FileNotFoundError, RowError) as e:
         raise UsageError(str(e)) from None
     print(" | ".join(f"{k}={v:.4g}" for k, v in result.items()))
-    print(f"reward model: {args.out_dir}")
+    print(f"reward model: {cfg.out_dir}")
     return 0
 
 
@@ -158,10 +206,18 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is list:
-            kwargs.update(nargs="+", type=typing.get_args(kind)[0], required=required, metavar="X")
+            kwargs.update(nargs="+", type=typing.get_args(kind)[0], metavar="X")
         else:
-            kwargs.update(type=kind, required=required, metavar=kind.__name__.upper())
+            kwargs.update(type=kind, metavar=kind.__name__.upper())
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    p.add_argument(
+        "recipe_and_overrides", nargs="*", metavar="[RECIPE.yaml] [key=value ...]",
+        help=f"a YAML of the options below (field names as keys), then key=value overrides; the options "
+        f"given as flags win. E.g. flowrl {command} my_{command}.yaml steps=200",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a Hugging Face causal LM on SFT rows; writes OUT_DIR/model (a Hugging Face "
         "folder), OUT_DIR/metrics.jsonl and OUT_DIR/samples.jsonl.",
     )
-    p.set_defaults(run=sft)
+    add_recipe_arguments(p, "sft")
+    p.set_defaults(run=sft, parser=p)
     add_dataclass_arguments(p, SFTConfig)
 
     p = sub.add_parser(
@@ -190,14 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a scalar-head reward model on rows with prompt, chosen and rejected; writes "
         "OUT_DIR (a Hugging Face sequence-classification folder) and its metrics.jsonl.",
     )
-    p.add_argument("--model-path", dest="model_path", required=True, help="the model folder to start from")
-    p.add_argument("--train-files", dest="train_files", nargs="+", required=True, metavar="X")
-    p.add_argument("--val-files", dest="val_files", nargs="+", default=[], metavar="X")
-    p.add_argument("--out-dir", dest="out_dir", required=True)
-    for name, kind in (("steps", int), ("batch_size", int), ("lr", float), ("num_workers", int), ("seed", int)):
+    add_recipe_arguments(p, "rm")
+    p.add_argument("--model-path", dest="model_path", default=argparse.SUPPRESS, help="the model folder to start from")
+    p.add_argument("--train-files", dest="train_files", nargs="+", default=argparse.SUPPRESS, metavar="X")
+    p.add_argument("--val-files", dest="val_files", nargs="+", default=argparse.SUPPRESS, metavar="X")
+    p.add_argument("--out-dir", dest="out_dir", default=argparse.SUPPRESS)
+    for name, kind in (("steps", int), ("batch_size", int), ("lr", float), ("num_workers", int), ("seed", int),
+                       ("save_every", int), ("keep_last", int), ("resume", str), ("max_bad_steps", int)):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=argparse.SUPPRESS,
                        help="(default: see flowrl/drivers/reward_model.py)")
-    p.set_defaults(run=rm)
+    p.set_defaults(run=rm, parser=p)
 
     p = sub.add_parser(
         "export",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -178,7 +178,23 @@ class Config:
 def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Defaults <- recipe YAML <- ``key=value`` overrides; validated and read-only."""
     where = f"recipe {os.fspath(recipe)}" if recipe else "config"
-    cfg = OmegaConf.structured(Config)
+    if overrides:
+        where = f"{where} with overrides {' '.join(overrides)}" if recipe else "overrides"
+    cfg = merge_recipe(OmegaConf.structured(Config), recipe, overrides)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{where}: required keys not set: {', '.join(missing)}")
+    validate(cfg, where)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def merge_recipe(
+    base: DictConfig, recipe: str | os.PathLike | None, overrides: list[str] | None
+) -> DictConfig:
+    """``base`` <- recipe YAML <- ``key=value`` overrides; errors name the recipe and the key."""
+    where = f"recipe {os.fspath(recipe)}" if recipe else "config"
+    cfg = base
     try:
         if recipe is not None:
             if not os.path.exists(recipe):
@@ -193,12 +209,7 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | 
         raise ConfigError(f"{where}: {_one_line(e)}") from None
     except Exception as e:  # malformed YAML and the like
         raise ConfigError(f"{where}: cannot read it ({type(e).__name__}: {_one_line(e)})") from None
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"{where}: required keys not set: {', '.join(missing)}")
-    validate(cfg, where)
-    OmegaConf.set_readonly(cfg, True)
-    return cfg
+    return cast(DictConfig, cfg)
 
 
 def _one_line(e: Exception) -> str:

@@ -111,7 +111,7 @@ def grpo_overrides(cfg: QuickstartConfig, model: str, data: dict[str, str]) -> l
 
 def run_quickstart(cfg: QuickstartConfig) -> dict[str, float]:
     """All stages; returns the summary (also written to ``OUT/summary.json``)."""
-    from flowrl.algos import grpo
+    from flowrl.drivers import grpo
 
     start = time.perf_counter()
     os.makedirs(cfg.out_dir, exist_ok=True)

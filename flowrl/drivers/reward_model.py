@@ -18,7 +18,8 @@ K-choose-2 comparisons of a prompt together); no reward normalization after trai
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer
@@ -30,6 +31,7 @@ from flowrl.data import DataLoader, PreferenceDataset, SequenceDataConfig
 from flowrl.engines.fsdp import FSDPEngineConfig
 from flowrl.engines.optim import OptimizerConfig
 from flowrl.keys import Keys
+from flowrl.trainer.loop import LoopSettings, program_config, run_program
 from flowrl.trainer.tracking import Tracker, mean_metrics
 from flowrl.workers.reward_model import RewardModelTrainer
 
@@ -55,11 +57,17 @@ class RewardModelTrainConfig:
     eval_every: int = 0  # held-out accuracy every N steps; 0: before and after training only
     loggers: tuple[str, ...] = ("console", "jsonl")
     optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-5))
+    loop: LoopSettings = field(default_factory=LoopSettings)  # checkpoints, resume, NaN guard (the RL loop's)
 
     def __post_init__(self) -> None:
         where = "RewardModelTrainConfig"
         if self.steps < 1 or self.num_workers < 1:
             raise ValueError(f"{where}: steps={self.steps} and num_workers={self.num_workers} must be >= 1")
+        if self.loop.save_every < -1 or self.loop.keep_last < 1 or self.loop.max_bad_steps < 0:
+            raise ValueError(
+                f"{where}: save_every={self.loop.save_every} must be >= -1, keep_last={self.loop.keep_last} >= 1 "
+                f"and max_bad_steps={self.loop.max_bad_steps} >= 0"
+            )
         if not self.train_files:
             raise ValueError(f"{where}: train_files is empty; name at least one preference parquet/JSONL file")
         if self.batch_size % self.num_workers:
@@ -119,35 +127,55 @@ def train_reward_model(
     return run(cfg)
 
 
+class _Run:
+    """The pieces of one run: the trainer group, the pair loader, the tracker (a ``loop.Program``)."""
+
+    def __init__(self, rm: RewardModelTrainConfig) -> None:
+        loop = replace(rm.loop, eval_every=rm.eval_every)
+        self.cfg = program_config("reward_model", rm.model_path, rm.num_workers, rm.seed, rm.steps, rm.out_dir, loop)
+        tokenizer = AutoTokenizer.from_pretrained(rm.model_path)
+        data_cfg = SequenceDataConfig(max_length=rm.max_length)
+        train = PreferenceDataset(rm.train_files, tokenizer, data_cfg)
+        self.val = PreferenceDataset(rm.val_files, tokenizer, data_cfg) if rm.val_files else None
+        self.train_data = DataLoader(train, rm.batch_size, seed=rm.seed)
+        init_ray(num_gpus=rm.num_workers if rm.use_gpu else None)
+        self.tracker = Tracker(rm.out_dir, rm.loggers, asdict(rm), total_steps=rm.steps, quiet=rm.loop.quiet)
+        self.pool = ResourcePool(rm.num_workers, use_gpu=rm.use_gpu, num_cpus_per_bundle=1)
+        self.actor: Any = None
+        self.critic = None
+        self.last: Metrics = {}  # the last step's training metrics
+
+    def begin_step(self, step: int) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        self.tracker.close()
+        if self.actor is not None:
+            self.actor.shutdown()
+        self.pool.shutdown()
+
+
 def run(cfg: RewardModelTrainConfig) -> Metrics:
-    """The training loop: a Ray group of ``num_workers`` FSDP2 ranks, driven one step at a time."""
-    init_ray(num_gpus=cfg.num_workers if cfg.use_gpu else None)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
-    data_cfg = SequenceDataConfig(max_length=cfg.max_length)
-    train = PreferenceDataset(cfg.train_files, tokenizer, data_cfg)
-    val = PreferenceDataset(cfg.val_files, tokenizer, data_cfg) if cfg.val_files else None
-    loader = DataLoader(train, cfg.batch_size, seed=cfg.seed)
-    tracker = Tracker(cfg.out_dir, cfg.loggers, asdict(cfg), total_steps=cfg.steps)
-    pool = ResourcePool(cfg.num_workers, use_gpu=cfg.use_gpu, num_cpus_per_bundle=1)
-    group: WorkerGroup | None = None
+    """Train in the loop RL uses (``flowrl.trainer.loop.run_program``): a Ray group of
+    ``num_workers`` FSDP2 ranks, checkpoints with ``loop.save_every``, ``loop.resume=auto``,
+    the NaN/Inf guard and a graceful Ctrl-C/SIGTERM. Returns the held-out metrics before
+    (``*_before``) and after training and the last step's training metrics."""
+    run_ = _Run(cfg)
     try:
-        group = WorkerGroup(pool, RewardModelTrainer)
-        group.init_model(cfg.engine_config(), cfg.micro_batch_size)
-        before = {f"{k}_before": v for k, v in evaluate(group, val).items()}
-        tracker.log(0, before)
-        metrics: Metrics = {}
-        for step in range(1, cfg.steps + 1):
-            metrics = mean_metrics(group.update(_next(loader)))
-            if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-                metrics |= evaluate(group, val)
-            tracker.log(step, metrics)
-        group.save_hf(os.path.abspath(cfg.out_dir))
-        return {**before, **metrics}
-    finally:
-        tracker.close()
-        if group is not None:
-            group.shutdown()
-        pool.shutdown()
+        run_.actor = WorkerGroup(run_.pool, RewardModelTrainer)
+        run_.actor.init_model(cfg.engine_config(), cfg.micro_batch_size)
+    except BaseException:
+        run_.shutdown()
+        raise
+
+    def train_step(r: _Run) -> Metrics:
+        r.last = mean_metrics(r.actor.update(_next(r.train_data)))
+        return r.last
+
+    result = run_program(
+        run_, train_step, lambda final: evaluate(run_.actor, run_.val), lambda: run_.actor.save_hf(os.path.abspath(cfg.out_dir))
+    )
+    return {**result, **run_.last}
 
 
 def _next(loader: DataLoader) -> Batch:

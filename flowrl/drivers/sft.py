@@ -36,6 +36,7 @@ from flowrl.data.sft import SequenceDataConfig, SFTDataset
 from flowrl.engines.fsdp import DTYPES, FSDPEngineConfig
 from flowrl.engines.optim import OptimizerConfig
 from flowrl.keys import Keys
+from flowrl.trainer.loop import LoopSettings, program_config, run_program
 from flowrl.trainer.tracking import Tracker
 from flowrl.workers.sft import SFTWorker
 
@@ -71,7 +72,12 @@ class SFTConfig:
     val_max_samples: int = -1  # held-out rows for the loss; -1: all
     greedy_samples: int = 16  # held-out prompts answered greedily per evaluation; 0: none
     max_new_tokens: int = 32  # greedy answers' length limit
-    save_checkpoint: bool = False  # also write a resumable checkpoint (torch.distributed.checkpoint)
+    save_checkpoint: bool = False  # also write OUT_DIR/checkpoint at the end (torch.distributed.checkpoint; flowrl export)
+    save_every: int = -1  # resumable checkpoints in OUT_DIR/checkpoints every N steps and at the last; 0: last only; -1: none
+    keep_last: int = 2  # complete checkpoints kept under OUT_DIR/checkpoints
+    resume: str = "disable"  # disable | auto (continue from the newest checkpoint in OUT_DIR) | a checkpoint folder
+    save_on_interrupt: bool = True  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
+    max_bad_steps: int = 3  # stop after this many steps in a row with a NaN/Inf loss; 0: never
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])  # + tensorboard, wandb
     quiet: bool = False  # no console lines or progress bar (metrics.jsonl is still written)
 
@@ -85,8 +91,11 @@ class SFTConfig:
             f"model_path={self.model_path!r} is not a Hugging Face model folder (no config.json)",
         )
         check(bool(self.train_files), "train_files is empty: name at least one parquet/JSONL file")
-        for key in ("steps", "batch_size", "micro_batch_size", "num_workers", "max_new_tokens"):
+        for key in ("steps", "batch_size", "micro_batch_size", "num_workers", "max_new_tokens", "keep_last"):
             check(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
+        check(self.save_every >= -1, f"save_every={self.save_every} must be >= 0 (or -1: no checkpoints)")
+        check(self.max_bad_steps >= 0, f"max_bad_steps={self.max_bad_steps} must be >= 0 (0: never stop)")
+        check(bool(self.resume), "resume is empty: use disable, auto or a checkpoint folder")
         check(self.dtype in DTYPES, f"dtype={self.dtype!r}: choose one of {list(DTYPES)}")
         check(
             self.batch_size % self.num_workers == 0,
@@ -97,6 +106,15 @@ class SFTConfig:
             self.data_config()
         except ValueError as e:  # their messages say optim.KEY / data.KEY; here the keys are flat
             raise ValueError(f"sft: {re.sub(r'^(optim|data)[.]', '', str(e))}") from None
+
+    def program_config(self) -> Any:
+        """The loop's view of this run (``flowrl.trainer.loop.program_config``)."""
+        loop = LoopSettings(
+            save_every=self.save_every, keep_last=self.keep_last, resume=self.resume,
+            save_on_interrupt=self.save_on_interrupt, max_bad_steps=self.max_bad_steps,
+            eval_every=self.eval_every, quiet=self.quiet,
+        )  # fmt: skip
+        return program_config("sft", self.model_path, self.num_workers, self.seed, self.steps, self.out_dir, loop)
 
     def data_config(self) -> SequenceDataConfig:
         return SequenceDataConfig(self.max_length, self.overlong)
@@ -126,26 +144,31 @@ class SFTDataError(ValueError):
 
 
 class _Run:
-    """The pieces of one run: the worker group, the data, the tracker."""
+    """The pieces of one run: the worker group, the data, the tracker (a ``loop.Program``)."""
 
-    def __init__(self, cfg: SFTConfig) -> None:
-        self.cfg = cfg
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
-        data_cfg = cfg.data_config()
+    def __init__(self, sft: SFTConfig) -> None:
+        self.sft = sft
+        self.cfg = sft.program_config()  # what the loop and the checkpointer read
+        self.tokenizer = AutoTokenizer.from_pretrained(sft.model_path)
+        data_cfg = sft.data_config()
         try:  # before any worker starts
-            train = SFTDataset(cfg.train_files, self.tokenizer, data_cfg)
-            self.train = DataLoader(train, cfg.batch_size, cfg.seed, cfg.shuffle)
-            self.val = SFTDataset(cfg.val_files, self.tokenizer, data_cfg) if cfg.val_files else None
+            train = SFTDataset(sft.train_files, self.tokenizer, data_cfg)
+            self.train_data = DataLoader(train, sft.batch_size, sft.seed, sft.shuffle)
+            self.val = SFTDataset(sft.val_files, self.tokenizer, data_cfg) if sft.val_files else None
         except (FileNotFoundError, ValueError) as e:
             raise SFTDataError(str(e)) from e
-        init_ray(num_gpus=cfg.num_workers if cfg.use_gpu else None)
-        self.pool = ResourcePool(cfg.num_workers, use_gpu=cfg.use_gpu, num_cpus_per_bundle=1)
-        self.group: Any = WorkerGroup(self.pool, SFTWorker)  # SFTWorker's methods, bound at run time
-        self.tracker = Tracker(cfg.out_dir, cfg.loggers, asdict(cfg), total_steps=cfg.steps, quiet=cfg.quiet)
+        init_ray(num_gpus=sft.num_workers if sft.use_gpu else None)
+        self.pool = ResourcePool(sft.num_workers, use_gpu=sft.use_gpu, num_cpus_per_bundle=1)
+        self.actor: Any = WorkerGroup(self.pool, SFTWorker)  # SFTWorker's methods, bound at run time
+        self.critic = None
+        self.tracker = Tracker(sft.out_dir, sft.loggers, asdict(sft), total_steps=sft.steps, quiet=sft.quiet)
 
-    def close(self) -> None:
+    def begin_step(self, step: int) -> None:
+        pass
+
+    def shutdown(self) -> None:
         self.tracker.close()
-        self.group.shutdown()
+        self.actor.shutdown()
         self.pool.shutdown()
 
 
@@ -153,34 +176,32 @@ def train_sft(config: SFTConfig | None = None, **fields: Any) -> Metrics:
     """Fine-tune ``model_path`` on ``train_files``; returns the held-out metrics before and after.
 
     ``train_sft(SFTConfig(...))`` or ``train_sft(model_path=..., train_files=[...], steps=...)``.
+    Runs in the loop RL uses (``flowrl.trainer.loop.run_program``): checkpoints with
+    ``save_every``, ``resume=auto``, the NaN/Inf guard and a graceful Ctrl-C/SIGTERM.
     """
     cfg = config if config is not None else SFTConfig(**fields)
     os.makedirs(cfg.out_dir, exist_ok=True)
     run = _Run(cfg)
     try:
-        run.group.init_model(cfg.engine_config(), cfg.micro_batch_size)
-        before = {f"{k}_before": v for k, v in evaluate(run).items()}
-        run.tracker.log(0, before)
-        for step in range(1, cfg.steps + 1):
-            metrics = train_step(run)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                metrics |= evaluate(run)
-            run.tracker.log(step, metrics)
-        after = evaluate(run, samples_path=os.path.join(cfg.out_dir, "samples.jsonl"))
-        run.tracker.log(cfg.steps, after)
-        run.group.save_hf(os.path.join(cfg.out_dir, "model"))
+        run.actor.init_model(cfg.engine_config(), cfg.micro_batch_size)
+    except BaseException:
+        run.shutdown()
+        raise
+
+    def finish() -> None:
+        run.actor.save_hf(os.path.join(cfg.out_dir, "model"))
         if cfg.save_checkpoint:
-            run.group.save(os.path.join(cfg.out_dir, "checkpoint"))
-        return {**before, **after}
-    finally:
-        run.close()
+            run.actor.save(os.path.join(cfg.out_dir, "checkpoint"))
+
+    samples = os.path.join(cfg.out_dir, "samples.jsonl")
+    return run_program(run, train_step, lambda final: evaluate(run, samples if final else None), finish)
 
 
 def train_step(run: _Run) -> Metrics:
-    batch = run.train.next_batch()
+    batch = run.train_data.next_batch()
     assert batch is not None  # the loader repeats epochs without end
     start = time.perf_counter()
-    per_rank = run.group.train_step(batch)
+    per_rank = run.actor.train_step(batch)
     seconds = time.perf_counter() - start
     metrics = {f"train/{k}": v for k, v in per_rank[0].items() if k != "nll"}  # rank-independent values
     metrics["train/tokens"] = float(batch[Keys.LOSS_MASK].sum())
@@ -193,17 +214,17 @@ def evaluate(run: _Run, samples_path: str | None = None, chunk: int = 64) -> Met
     """Held-out token-mean NLL (``val/loss``) and greedy exact match of the responses."""
     if run.val is None:
         return {}
-    n = len(run.val) if run.cfg.val_max_samples < 0 else min(len(run.val), run.cfg.val_max_samples)
+    n = len(run.val) if run.sft.val_max_samples < 0 else min(len(run.val), run.sft.val_max_samples)
     nll, tokens = 0.0, 0.0
     for start in range(0, n, chunk):
         batch = run.val.collate(range(start, min(n, start + chunk)))
-        logprobs = run.group.compute_logprobs(batch)[Keys.LOGPROBS]  # [b, L]
+        logprobs = run.actor.compute_logprobs(batch)[Keys.LOGPROBS]  # [b, L]
         mask = batch[Keys.LOSS_MASK]  # [b, L]
         nll -= float((logprobs * mask).sum())
         tokens += float(mask.sum())
     metrics = {"val/loss": nll / max(tokens, 1.0)}
-    if run.cfg.greedy_samples > 0:
-        metrics["val/exact_match"] = greedy_exact_match(run, min(n, run.cfg.greedy_samples), samples_path)
+    if run.sft.greedy_samples > 0:
+        metrics["val/exact_match"] = greedy_exact_match(run, min(n, run.sft.greedy_samples), samples_path)
     return metrics
 
 
@@ -211,7 +232,7 @@ def greedy_exact_match(run: _Run, n: int, samples_path: str | None) -> float:
     """Fraction of the first ``n`` held-out prompts whose greedy answer equals the reference."""
     assert run.val is not None
     indices = list(range(n))
-    out = run.group.generate_greedy(run.val.collate_prompts(indices), max_new_tokens=run.cfg.max_new_tokens)
+    out = run.actor.generate_greedy(run.val.collate_prompts(indices), max_new_tokens=run.sft.max_new_tokens)
     tok = run.tokenizer
     rows = []
     for i, ids, mask in zip(indices, out[Keys.RESPONSE_IDS], out[Keys.RESPONSE_MASK]):

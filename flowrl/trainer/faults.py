@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any
 
-SKIP_KEYS = ("actor/skipped", "critic/skipped")
+SKIP_KEYS = ("actor/skipped", "critic/skipped", "train/skipped")
 
 
 class TrainingDiverged(RuntimeError):

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, TypeVar
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from flowrl.keys import Keys
 from flowrl.trainer.checkpoint import Checkpointer, Stateful
@@ -19,39 +21,116 @@ from flowrl.trainer.faults import BadStepGuard, GracefulStop, RunInterrupted
 from flowrl.trainer.runtime import Runtime, build_runtime
 
 Metrics = dict[str, float]
+P = TypeVar("P", bound="Program")
+
+
+class Program(Protocol):
+    """What the loop needs from a program's run (the RL runtime, an SFT or a reward-model run).
+
+    ``cfg.trainer`` holds the loop settings under the RL config's names (``total_steps``,
+    ``run_dir``, ``save_every``, ``keep_last``, ``resume``, ``save_on_interrupt``,
+    ``max_bad_steps``, ``eval_every``, ``quiet``); ``actor`` (and ``critic``, or None) are the
+    worker groups a checkpoint saves; ``train_data`` is the resumable data loader.
+    """
+
+    cfg: Any
+    actor: Any
+    critic: Any
+    train_data: Any
+    tracker: Any
+
+    def begin_step(self, step: int) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The loop's settings for a program without an RL config (SFT, reward-model training)."""
+
+    save_every: int = -1  # checkpoint every N steps and at the last; 0: only at the last; -1: never
+    keep_last: int = 2  # complete checkpoints kept under OUT_DIR/checkpoints
+    resume: str = "disable"  # disable | auto (the newest checkpoint in OUT_DIR, if any) | a checkpoint folder
+    save_on_interrupt: bool = True  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
+    max_bad_steps: int = 3  # stop after this many steps in a row with a NaN/Inf loss; 0: never
+    eval_every: int = 0  # held-out evaluation every N steps; 0: before and after training only
+    quiet: bool = False  # no console lines or progress bar
+
+
+def program_config(
+    algorithm: str, model_path: str, num_workers: int, seed: int, total_steps: int, run_dir: str,
+    loop: LoopSettings,
+) -> DictConfig:  # fmt: skip
+    """What the loop and the checkpointer read of a program's run (``cfg.trainer``, the model,
+    no critic), for programs with a config of their own."""
+    trainer = {
+        "algorithm": algorithm, "num_workers": num_workers, "seed": seed, "total_steps": total_steps,
+        "run_dir": run_dir, **asdict(loop),
+    }  # fmt: skip
+    return OmegaConf.create({"trainer": trainer, "actor": {"model": {"path": model_path}}, "critic": {"enable": False}})
 
 
 def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics], state: dict[str, Stateful] | None = None) -> Metrics:
-    """The outer loop every driver shares: evaluate, ``train_step`` per step, evaluate, log.
+    """The RL drivers' loop: evaluate, ``train_step`` per step, evaluate, log (``run_program``).
 
-    ``state`` holds the driver's own resumable objects (e.g. a KL controller); checkpoints,
-    resume, the NaN/Inf guard and Ctrl-C are handled here (docs/reliability.md).
-    Returns the validation metrics before (``*_before``, fresh runs only) and after training.
+    ``state`` holds the driver's own resumable objects (e.g. a KL controller).
     With ``trainer.save_policy`` the final policy is written to ``RUN_DIR/policy``, a
     Hugging Face folder that transformers and vLLM load.
     """
     rt = build_runtime(cfg)
-    ckpt, guard = Checkpointer(rt, state), BadStepGuard(cfg.trainer.max_bad_steps)
+
+    def finish() -> None:
+        if cfg.trainer.save_policy:
+            rt.actor.save_hf(os.path.abspath(os.path.join(cfg.trainer.run_dir, "policy")))
+
+    samples = os.path.join(cfg.trainer.run_dir, "val_samples.jsonl")
+    return run_program(
+        rt,
+        train_step,
+        lambda final: evaluate(rt, samples_path=samples if final else None),
+        finish,
+        state,
+        first_metrics=lambda: data_metrics(rt),
+    )
+
+
+def run_program(
+    rt: P,
+    train_step: Callable[[P], Metrics],
+    evaluate_fn: Callable[[bool], Metrics],
+    finish: Callable[[], None],
+    state: dict[str, Stateful] | None = None,
+    first_metrics: Callable[[], Metrics] = dict,
+) -> Metrics:
+    """The outer loop every program shares: evaluate, ``train_step`` per step, evaluate, log.
+
+    Checkpoints, resume, the NaN/Inf guard and Ctrl-C/SIGTERM are handled here
+    (docs/reliability.md). ``evaluate_fn(final)`` returns held-out metrics (``final``: the
+    last evaluation, which may write samples); ``finish()`` writes the program's output
+    (a Hugging Face folder). Returns the metrics before (``*_before``, fresh runs only) and after.
+    """
+    t = rt.cfg.trainer
+    ckpt, guard = Checkpointer(rt, state), BadStepGuard(t.max_bad_steps)
     try:
         with GracefulStop() as stop:
             start = ckpt.resume()
-            before = {} if start else {f"{k}_before": v for k, v in evaluate(rt).items()}
+            before = {} if start else {f"{k}_before": v for k, v in evaluate_fn(False).items()}
             if not start:
-                rt.tracker.log(0, before | data_metrics(rt))
-            for step in range(start + 1, cfg.trainer.total_steps + 1):
+                rt.tracker.log(0, before | first_metrics())
+            for step in range(start + 1, t.total_steps + 1):
                 rt.begin_step(step)
                 metrics = guard.count(train_step(rt))
-                if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
-                    metrics |= evaluate(rt)
+                if t.eval_every and step % t.eval_every == 0 and step < t.total_steps:
+                    metrics |= evaluate_fn(False)  # the last step's evaluation is the final one below
                 rt.tracker.log(step, metrics)
-                end_step(cfg, step, ckpt, guard, stop)
-        after = evaluate(rt, samples_path=os.path.join(cfg.trainer.run_dir, "val_samples.jsonl"))
-        rt.tracker.log(cfg.trainer.total_steps, after)
-        if cfg.trainer.save_policy:
-            rt.actor.save_hf(os.path.abspath(os.path.join(cfg.trainer.run_dir, "policy")))
+                end_step(rt.cfg, step, ckpt, guard, stop)
+        after = evaluate_fn(True)
+        rt.tracker.log(t.total_steps, after)
+        finish()
         return {**before, **after}
     finally:
         rt.shutdown()
+
 
 def end_step(cfg: DictConfig, step: int, ckpt: Checkpointer, guard: BadStepGuard, stop: GracefulStop) -> None:
     """After a logged step: stop on too many NaN/Inf steps, checkpoint when due or asked, stop when asked."""

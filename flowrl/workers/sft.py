@@ -19,6 +19,7 @@ from flowrl.data.sft import eos_token_id
 from flowrl.engines.base import Metrics, Normalizer
 from flowrl.engines.fsdp import FSDPEngine, FSDPEngineConfig
 from flowrl.keys import Keys
+from flowrl.workers.checkpointing import EngineCheckpoints
 
 
 def sft_token_mean_loss(
@@ -30,7 +31,7 @@ def sft_token_mean_loss(
     return aggregate(nll, mask, "token-mean", global_tokens=norm.global_tokens), dict(metrics)
 
 
-class SFTWorker(Worker):
+class SFTWorker(EngineCheckpoints, Worker):
     """Supervised fine-tuning on one rank of a data-parallel group."""
 
     @register(Dispatch.ONE_TO_ALL)
@@ -63,12 +64,3 @@ class SFTWorker(Worker):
     def save_hf(self, path: str) -> None:
         """A Hugging Face folder (weights, config, tokenizer) that transformers and vLLM load."""
         self.engine.save_hf(path)
-
-    @register(Dispatch.ONE_TO_ALL)
-    def save(self, path: str) -> None:
-        """A resumable checkpoint (model, optimizer, schedule) with torch.distributed.checkpoint."""
-        self.engine.save(path)
-
-    @register(Dispatch.ONE_TO_ALL)
-    def load(self, path: str) -> None:
-        self.engine.load(path)

@@ -150,7 +150,7 @@ def test_a_killed_worker_stops_the_run_within_60_s_naming_role_rank_and_cause(as
 def test_ppo_resume_restores_critic_and_kl_controller_bitwise(assets, tmp_path):
     """In-process (one Ray runtime for both runs): PPO with a critic and an adaptive KL
     controller; resuming from the step-1 checkpoint repeats step 2 exactly."""
-    from flowrl.algos import ppo
+    from flowrl.drivers import ppo
     from flowrl.config import load_config
 
     model, splits = assets

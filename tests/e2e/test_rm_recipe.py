@@ -4,7 +4,7 @@ reward model colocated with the actor)."""
 
 import pytest
 
-from flowrl.algos import ppo
+from flowrl.drivers import ppo
 from flowrl.drivers.reward_model import train_reward_model
 from flowrl.config import load_config
 from flowrl.controller import init_ray
