@@ -47,6 +47,13 @@ class ModelConfig:
 
 
 @dataclass
+class ScoringModelConfig(ModelConfig):
+    """A forward-only model of a role of its own: the reference policy or a reward model."""
+
+    micro_batch_size: int = 0  # responses per forward on one rank; 0: actor.micro_batch_size
+
+
+@dataclass
 class RolloutConfig:
     """Generation with the colocated rollout engine (vLLM by default)."""
 
@@ -167,11 +174,11 @@ class Config:
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
-    reference: ModelConfig | None = None  # a reference model for KL; null: the policy's initial weights
+    reference: ScoringModelConfig | None = None  # a reference model for KL; null (or no path): the policy's initial weights
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)  # rule rewards
     # a learned reward model (a sequence classifier) that scores instead of the rule rewards
-    reward_model: ModelConfig | None = None
+    reward_model: ScoringModelConfig | None = None
     placement: PlacementConfig = field(default_factory=PlacementConfig)  # machines and devices per role
 
 
@@ -274,6 +281,14 @@ def validate(cfg: Any, where: str = "config") -> None:
         f"actor.mini_batch_size / trainer.num_workers = {per_rank} is not divisible by "
         f"actor.micro_batch_size={a.micro_batch_size}",
     )
+    for role in ("reference", "reward_model"):
+        section = cfg[role]
+        _check(
+            section is None or section.micro_batch_size >= 0,
+            where,
+            f"{role}.micro_batch_size={section.micro_batch_size if section is not None else 0} must be >= 0 "
+            "(0: actor.micro_batch_size)",
+        )
     pl = a.policy_loss
     _check(pl.clip_low > 0 and pl.clip_high > 0, where, "actor.policy_loss.clip_low/clip_high must be > 0")
     _check(

@@ -14,7 +14,7 @@ from flowrl.batch import Batch
 from flowrl.keys import Keys
 
 from .config import AdvantageConfig
-from .masked import masked_whiten
+from .masked import float_dtype, masked_whiten, zero_invalid
 from .registry import check_estimator_inputs, get_estimator, register_estimator
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -32,47 +32,73 @@ def gae_advantages(
     t and t+1 run over valid tokens only: masked positions are skipped (a masked
     position carries the next valid token's V and A through), and after the last
     valid token V = A = 0 (no bootstrap). Inputs [B, R]; outputs [B, R], 0 where masked.
+    What rewards and values hold at masked positions (NaN, inf) never reaches a valid one.
     """
-    m = mask.to(values.dtype)  # [B, R]
+    valid = mask > 0  # [B, R]
+    rewards, values = zero_invalid(token_rewards, mask), zero_invalid(values, mask)  # [B, R]
     next_value = torch.zeros_like(values[:, 0])  # [B]
     next_adv = torch.zeros_like(values[:, 0])  # [B]
     advantages = torch.zeros_like(values)  # [B, R]
     for t in reversed(range(values.shape[1])):
-        delta = token_rewards[:, t] + gamma * next_value - values[:, t]  # [B]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # [B]
         adv = delta + gamma * lam * next_adv  # [B]
-        advantages[:, t] = adv * m[:, t]
-        next_adv = m[:, t] * adv + (1 - m[:, t]) * next_adv
-        next_value = m[:, t] * values[:, t] + (1 - m[:, t]) * next_value
-    returns = (advantages + values) * m  # [B, R]
+        advantages[:, t] = torch.where(valid[:, t], adv, 0.0)
+        next_adv = torch.where(valid[:, t], adv, next_adv)  # [B]
+        next_value = torch.where(valid[:, t], values[:, t], next_value)  # [B]
+    returns = zero_invalid(advantages + values, mask)  # [B, R]
     return advantages, returns
 
 
 def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """Return-to-go G_t = r_t + gamma * G_{t+1} over valid tokens (masked ones skipped) [B, R]."""
-    m = mask.to(token_rewards.dtype)  # [B, R]
-    next_ret = torch.zeros_like(token_rewards[:, 0])  # [B]
-    returns = torch.zeros_like(token_rewards)  # [B, R]
-    for t in reversed(range(token_rewards.shape[1])):
-        ret = token_rewards[:, t] + gamma * next_ret  # [B]
-        returns[:, t] = ret * m[:, t]
-        next_ret = m[:, t] * ret + (1 - m[:, t]) * next_ret
+    valid = mask > 0  # [B, R]
+    rewards = zero_invalid(token_rewards, mask)  # [B, R]
+    next_ret = torch.zeros_like(rewards[:, 0])  # [B]
+    returns = torch.zeros_like(rewards)  # [B, R]
+    for t in reversed(range(rewards.shape[1])):
+        ret = rewards[:, t] + gamma * next_ret  # [B]
+        returns[:, t] = torch.where(valid[:, t], ret, 0.0)
+        next_ret = torch.where(valid[:, t], ret, next_ret)  # [B]
     return returns
+
+
+def _group_moments(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-sample float64 (group mean, r_i - mean_g, unbiased group variance, group size) -> 4 x [B].
+
+        d_i = r_i - r_first(g)        (r_first: the group's first element; 0 for every tie)
+        mean_g = r_first + sum_g d / n_g,     r_i - mean_g = d_i - sum_g d / n_g
+
+    Summing deviations from a member of the group, not raw scores, makes a tied group's
+    centered values exactly 0 (and its mean exactly the tied value) in every dtype.
+    """
+    _, inverse = torch.unique(group_ids, return_inverse=True)  # [B] in 0..G-1
+    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    x = scores.double()  # [B]
+    positions = torch.arange(x.numel(), device=x.device)  # [B]
+    first = torch.full((n_groups,), x.numel(), dtype=positions.dtype, device=x.device)  # [G]
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")  # [G] first member
+    ref = x[first].detach()[inverse]  # [B]
+    dev = x - ref  # [B]
+    zeros = x.new_zeros(n_groups)  # [G]
+    size = zeros.index_add(0, inverse, torch.ones_like(x))  # [G]
+    shift = (zeros.index_add(0, inverse, dev) / size)[inverse]  # [B] mean_g - r_first
+    centered = dev - shift  # [B]
+    var = zeros.index_add(0, inverse, centered**2) / (size - 1).clamp(min=1)  # [G]
+    var = var[inverse]  # [B]
+    centered = torch.where(var > 0, centered, 0.0)  # a zero-variance group is exactly 0
+    return ref + shift, centered, var, size[inverse]
 
 
 def group_stats(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per-sample (group mean, group unbiased std, group size) of ``scores`` [B] -> 3 x [B].
 
     Group ids are any integers; samples sharing an id form a group of any size.
-    The std of a group of one is 0.
+    The std of a group of one is 0. Computed in float64 around a member of each group
+    (``_group_moments``), so a tied group has exactly its value as mean and std 0.
     """
-    _, inverse = torch.unique(group_ids, return_inverse=True)  # [B] in 0..G-1
-    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
-    zeros = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device)  # [G]
-    size = zeros.index_add(0, inverse, torch.ones_like(scores))  # [G]
-    mean = zeros.index_add(0, inverse, scores) / size  # [G]
-    sq_dev = (scores - mean[inverse]) ** 2  # [B]
-    var = zeros.index_add(0, inverse, sq_dev) / (size - 1).clamp(min=1)  # [G]
-    return mean[inverse], var.sqrt()[inverse], size[inverse]
+    mean, _, var, size = _group_moments(scores, group_ids)  # [B] each
+    dtype = float_dtype(scores)
+    return mean.to(dtype), var.sqrt().to(dtype), size.to(dtype)
 
 
 def grpo_scores(scores: torch.Tensor, group_ids: torch.Tensor, norm_by_std: bool, eps: float) -> torch.Tensor:
@@ -81,11 +107,11 @@ def grpo_scores(scores: torch.Tensor, group_ids: torch.Tensor, norm_by_std: bool
         A_i = (r_i - mean_g(r)) / (std_g(r) + eps)     (norm_by_std=True)
         A_i =  r_i - mean_g(r)                          (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783)
 
-    std is the unbiased group std; a group of one gets A = 0.
+    std is the unbiased group std; a group of one, or of equal scores, gets A = 0 exactly.
     """
-    mean, std, _ = group_stats(scores, group_ids)  # [B] each
-    centered = scores - mean  # [B]
-    return centered / (std + eps) if norm_by_std else centered
+    _, centered, var, _ = _group_moments(scores, group_ids)  # [B] each, float64
+    adv = centered / (var.sqrt() + eps) if norm_by_std else centered  # [B]
+    return adv.to(float_dtype(scores))
 
 
 def rloo_scores(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -93,15 +119,15 @@ def rloo_scores(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
 
         A_i = r_i - 1/(n-1) * sum_{j != i} r_j  =  n/(n-1) * (r_i - mean_g(r))
 
-    A group of one gets A = 0.
+    A group of one, or of equal scores, gets A = 0 exactly.
     """
-    mean, _, size = group_stats(scores, group_ids)  # [B] each
-    return (scores - mean) * size / (size - 1).clamp(min=1)
+    _, centered, _, size = _group_moments(scores, group_ids)  # [B] each, float64
+    return (centered * size / (size - 1).clamp(min=1)).to(float_dtype(scores))
 
 
 def broadcast_to_tokens(seq_adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A per-sequence value [B] repeated over the valid tokens of its response -> [B, R]."""
-    return seq_adv[:, None] * mask.to(seq_adv.dtype)
+    return zero_invalid(seq_adv[:, None].expand(mask.shape), mask)
 
 
 # ---- registered estimators over a Batch -------------------------------------------
@@ -118,7 +144,7 @@ def gae(batch: Batch, cfg: AdvantageConfig) -> Pair:
     mask = batch[Keys.RESPONSE_MASK]
     adv, ret = gae_advantages(batch[Keys.TOKEN_REWARDS], batch[Keys.VALUES], mask, cfg.gamma, cfg.lam)
     if cfg.whiten:
-        adv = masked_whiten(adv, mask) * mask.to(adv.dtype)
+        adv = zero_invalid(masked_whiten(adv, mask), mask)
     return adv, ret
 
 
@@ -156,7 +182,7 @@ def reinforce_pp(batch: Batch, cfg: AdvantageConfig) -> Pair:
     """
     mask = batch[Keys.RESPONSE_MASK]
     ret = discounted_returns(batch[Keys.TOKEN_REWARDS], mask, cfg.gamma)  # [B, R]
-    adv = masked_whiten(ret, mask) * mask.to(ret.dtype)  # [B, R]
+    adv = zero_invalid(masked_whiten(ret, mask), mask)  # [B, R]
     return adv, ret
 
 
@@ -169,7 +195,7 @@ def reinforce_pp_baseline(batch: Batch, cfg: AdvantageConfig) -> Pair:
     mask = batch[Keys.RESPONSE_MASK]
     centered = grpo_scores(_scores(batch), batch[Keys.GROUP_IDS], norm_by_std=False, eps=0.0)  # [B]
     adv = broadcast_to_tokens(centered, mask)  # [B, R]
-    adv = masked_whiten(adv, mask) * mask.to(adv.dtype)
+    adv = zero_invalid(masked_whiten(adv, mask), mask)
     return adv, adv
 
 

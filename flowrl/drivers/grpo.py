@@ -22,7 +22,6 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from flowrl.algos import compute_advantages
-from flowrl.algos.config import AdvantageConfig
 from flowrl.drivers import steps
 from flowrl.drivers.registry import DriverSpec
 from flowrl.keys import Keys
@@ -39,8 +38,7 @@ def train_step(rt: Runtime) -> dict[str, float]:
 
     # ALGO LOGIC: the sequence score relative to its group is every token's advantage
     batch[Keys.TOKEN_REWARDS], _ = steps.token_rewards(batch, None, "k1")
-    adv_cfg = AdvantageConfig(**rt.cfg.algorithm.advantage)
-    batch[Keys.ADVANTAGES], batch[Keys.RETURNS] = compute_advantages(batch, adv_cfg)
+    batch[Keys.ADVANTAGES], batch[Keys.RETURNS] = compute_advantages(batch, rt.cfg.algorithm.advantage)
 
     return steps.learn(rt, timer, batch, metrics)
 

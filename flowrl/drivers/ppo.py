@@ -18,7 +18,6 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from flowrl.algos import compute_advantages
-from flowrl.algos.config import AdvantageConfig
 from flowrl.algos.kl import FixedKLController
 from flowrl.drivers import steps
 from flowrl.drivers.registry import DriverSpec
@@ -37,8 +36,7 @@ def train_step(rt: Runtime, kl_ctrl: FixedKLController | None) -> dict[str, floa
     # ALGO LOGIC: KL-penalized token rewards, then GAE with the critic's values
     estimator = rt.cfg.algorithm.kl_ctrl.estimator
     batch[Keys.TOKEN_REWARDS], kl_metrics = steps.token_rewards(batch, kl_ctrl, estimator)
-    adv_cfg = AdvantageConfig(**rt.cfg.algorithm.advantage)
-    batch[Keys.ADVANTAGES], batch[Keys.RETURNS] = compute_advantages(batch, adv_cfg)
+    batch[Keys.ADVANTAGES], batch[Keys.RETURNS] = compute_advantages(batch, rt.cfg.algorithm.advantage)
 
     return steps.learn(rt, timer, batch, metrics | kl_metrics)
 

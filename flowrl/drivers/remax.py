@@ -15,7 +15,6 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from flowrl.algos import compute_advantages
-from flowrl.algos.config import AdvantageConfig
 from flowrl.batch import Batch
 from flowrl.drivers import steps
 from flowrl.drivers.registry import DriverSpec
@@ -48,8 +47,7 @@ def train_step(rt: Runtime) -> dict[str, float]:
     # ALGO LOGIC: the greedy response's reward is the baseline
     with timer("greedy_baseline"):
         batch = batch | greedy_baseline(rt, batch, n)
-    adv_cfg = AdvantageConfig(**rt.cfg.algorithm.advantage)
-    batch[Keys.ADVANTAGES], batch[Keys.RETURNS] = compute_advantages(batch, adv_cfg)
+    batch[Keys.ADVANTAGES], batch[Keys.RETURNS] = compute_advantages(batch, rt.cfg.algorithm.advantage)
     metrics["remax/baseline_mean"] = float(batch[Keys.BASELINE_SCORES].mean())
 
     return steps.learn(rt, timer, batch, metrics)

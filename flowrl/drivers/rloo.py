@@ -19,7 +19,6 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from flowrl.algos import compute_advantages
-from flowrl.algos.config import AdvantageConfig
 from flowrl.algos.kl import FixedKLController
 from flowrl.drivers import steps
 from flowrl.drivers.registry import DriverSpec
@@ -40,8 +39,7 @@ def train_step(rt: Runtime, kl_ctrl: FixedKLController | None) -> dict[str, floa
     batch[Keys.TOKEN_REWARDS] = rewards
     if kl_ctrl is not None:
         batch[Keys.SCORES] = rewards.sum(-1)  # [B] score - beta * sum_t KL_t
-    adv_cfg = AdvantageConfig(**rt.cfg.algorithm.advantage)
-    batch[Keys.ADVANTAGES], batch[Keys.RETURNS] = compute_advantages(batch, adv_cfg)
+    batch[Keys.ADVANTAGES], batch[Keys.RETURNS] = compute_advantages(batch, rt.cfg.algorithm.advantage)
 
     return steps.learn(rt, timer, batch, metrics | kl_metrics)
 

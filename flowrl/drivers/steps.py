@@ -10,7 +10,6 @@ import torch
 from omegaconf import DictConfig
 
 from flowrl.algos import apply_kl_penalty, make_kl_controller, masked_mean, token_scores
-from flowrl.algos.config import KLControllerConfig
 from flowrl.algos.kl import FixedKLController
 from flowrl.batch import Batch
 from flowrl.engines.memory import max_over_ranks
@@ -88,7 +87,7 @@ def kl_controller(cfg: DictConfig) -> FixedKLController | None:
     """The in-reward KL coefficient's controller, or None when ``algorithm.use_kl_in_reward`` is off."""
     if not cfg.algorithm.use_kl_in_reward:
         return None
-    return make_kl_controller(KLControllerConfig(**cfg.algorithm.kl_ctrl))
+    return make_kl_controller(cfg.algorithm.kl_ctrl)
 
 
 def model_reward_metrics(batch: Batch, scores: torch.Tensor) -> Metrics:

@@ -89,16 +89,15 @@ def build_runtime(cfg: DictConfig) -> Runtime:
     if cfg.reward_model is not None:
         roles["rm"] = RewardModel
     groups = place_workers(cfg, roles)  # colocated with the actor unless placement.separate says not
-    config = OmegaConf.to_container(cfg, resolve=True)
     for group in groups.values():
-        group.init_model(config)
+        group.init_model(cfg)  # the typed, read-only config as loaded
 
     rewards = RewardRunner.from_config(OmegaConf.to_object(cfg.reward))
     os.makedirs(t.run_dir, exist_ok=True)
     OmegaConf.save(cfg, os.path.join(t.run_dir, "config.yaml"))
     with open(os.path.join(t.run_dir, "processes.json"), "w") as f:  # for operators (and fault tests)
         json.dump({"driver": os.getpid(), "workers": groups["actor"].pids}, f)
-    tracker = Tracker(t.run_dir, list(t.loggers), config, total_steps=t.total_steps, quiet=t.quiet)
+    tracker = Tracker(t.run_dir, list(t.loggers), OmegaConf.to_container(cfg, resolve=True), total_steps=t.total_steps, quiet=t.quiet)
     return Runtime(
         cfg=cfg,
         actor=groups["actor"],

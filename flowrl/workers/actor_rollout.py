@@ -34,7 +34,7 @@ class ActorRollout(Worker):
     """Hybrid worker: trains the policy with FSDP2 and samples from it with vLLM."""
 
     @register(Dispatch.ONE_TO_ALL)
-    def init_model(self, config: dict[str, Any]) -> None:
+    def init_model(self, config: DictConfig | dict[str, Any]) -> None:
         self.cfg: DictConfig = worker_config(config)
         self.init_distributed()
         torch.manual_seed(self.cfg.trainer.seed)
@@ -43,7 +43,7 @@ class ActorRollout(Worker):
         )
         self.rollout = build_rollout(self.cfg, self.rank)
         self.tokenizer = self.rollout.tokenizer
-        self.loss_cfg = PolicyLossConfig(**self.cfg.actor.policy_loss)
+        self.loss_cfg: PolicyLossConfig = self.cfg.actor.policy_loss  # the typed section, as loaded
         self.sync_weights()  # vLLM loaded the checkpoint; this also proves the sync path at start-up
 
     def dispatch_info(self) -> DispatchInfo:

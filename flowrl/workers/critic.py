@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
 from flowrl.algos import aggregate, value_loss
 from flowrl.batch import Batch
@@ -20,7 +21,7 @@ class Critic(Worker):
     """V(s_t) for every response token (PPO with GAE)."""
 
     @register(Dispatch.ONE_TO_ALL)
-    def init_model(self, config: dict[str, Any]) -> None:
+    def init_model(self, config: DictConfig | dict[str, Any]) -> None:
         self.cfg = worker_config(config)
         self.init_distributed()
         c = self.cfg.critic

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from omegaconf import DictConfig
+
 from flowrl.batch import Batch
 from flowrl.controller import Dispatch, Worker, register
 from flowrl.engines.memory import STAGE_PEAKS
@@ -15,16 +17,18 @@ class Reference(Worker):
     """Frozen policy for the KL terms; usually colocated with ``ActorRollout``."""
 
     @register(Dispatch.ONE_TO_ALL)
-    def init_model(self, config: dict[str, Any]) -> None:
+    def init_model(self, config: DictConfig | dict[str, Any]) -> None:
         self.cfg = worker_config(config)
         self.init_distributed()
-        model = self.cfg.reference if self.cfg.reference is not None else self.cfg.actor.model
+        ref = self.cfg.reference
+        model = ref if ref is not None and ref.path else self.cfg.actor.model  # no path: the initial policy
+        self.micro_batch_size = (ref.micro_batch_size if ref is not None else 0) or self.cfg.actor.micro_batch_size
         self.engine = build_train_engine(self.cfg, model, optim=None, value_head=False)
 
     @register(Dispatch.DP_COMPUTE)
     def compute_ref_logprobs(self, batch: Batch) -> Batch:
         with STAGE_PEAKS("ref"):
             logprobs, _ = self.engine.compute_logprobs(
-                batch, self.cfg.rollout.temperature, self.cfg.actor.micro_batch_size
+                batch, self.cfg.rollout.temperature, self.micro_batch_size
             )
         return Batch({Keys.REF_LOGPROBS: logprobs})

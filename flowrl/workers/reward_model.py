@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
 from flowrl.algos import bradley_terry_loss
 from flowrl.batch import Batch
@@ -57,7 +58,7 @@ class RewardModel(Worker):
     """Scores rollouts with a learned reward model; usually colocated with ``ActorRollout``."""
 
     @register(Dispatch.ONE_TO_ALL)
-    def init_model(self, config: dict[str, Any]) -> None:
+    def init_model(self, config: DictConfig | dict[str, Any]) -> None:
         self.cfg = worker_config(config)
         if self.cfg.reward_model is None:
             raise ValueError("RewardModel.init_model: the run config has no reward_model section")
@@ -68,7 +69,8 @@ class RewardModel(Worker):
     @register(Dispatch.DP_COMPUTE)
     def compute_scores(self, batch: Batch) -> Batch:
         """The reward model's score of prompt + response at the last response token.  -> SCORES [B]"""
-        scores = self.engine.compute_sequence_scores(batch, self.cfg.actor.micro_batch_size)  # [B]
+        micro = self.cfg.reward_model.micro_batch_size or self.cfg.actor.micro_batch_size
+        scores = self.engine.compute_sequence_scores(batch, micro)  # [B]
         return Batch({Keys.SCORES: scores})
 
 

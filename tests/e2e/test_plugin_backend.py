@@ -56,7 +56,13 @@ class LoggedRollout:
 
 @register_rollout_engine("hf_logged")
 def build(cfg, rank):
-    return LoggedRollout(hf_engine(cfg, rank), os.path.join(cfg.trainer.run_dir, "rollout_calls.jsonl"))
+    from omegaconf import OmegaConf
+
+    rollout = LoggedRollout(hf_engine(cfg, rank), os.path.join(cfg.trainer.run_dir, "rollout_calls.jsonl"))
+    typed = {"config": OmegaConf.get_type(cfg).__name__, "loss": OmegaConf.get_type(cfg.actor.policy_loss).__name__,
+             "readonly": OmegaConf.is_readonly(cfg)}
+    rollout._log(typed)  # what the worker received: the typed, read-only config as loaded
+    return rollout
 '''
 
 
@@ -84,6 +90,9 @@ def test_a_plugin_rollout_backend_trains_end_to_end(tmp_path):
     assert all(r["actor/first_ppo_kl"] == 0.0 and r["reward/max"] > r["reward/min"] for r in steps)  # step-0 consistency holds with this backend
     assert all(r["rollout/logprob_diff_max"] < 1e-4 for r in steps)  # its sampler agrees with FSDP (fp32)
     calls = [json.loads(line) for line in (run / "rollout_calls.jsonl").read_text().splitlines()]
+    typed = [c["event"] for c in calls if isinstance(c["event"], dict)]
+    assert typed == [{"config": "Config", "loss": "PolicyLossConfig", "readonly": True}] * 2
+    calls = [c for c in calls if not isinstance(c["event"], dict)]
     per_worker = Counter((c["pid"], c["event"]) for c in calls)
     pids = {c["pid"] for c in calls}
     assert len(pids) == 2  # both ranks built the plugin's engine
