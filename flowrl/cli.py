@@ -197,6 +197,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
+        optional = [a for a in typing.get_args(kind) if a is not type(None)]
+        if type(None) in typing.get_args(kind) and len(optional) == 1:
+            kind = optional[0]  # `str | None`: the flag takes a str; leaving it out keeps None
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         help_text = comments.get(f.name, "")

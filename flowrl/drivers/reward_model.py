@@ -26,12 +26,13 @@ from transformers import AutoTokenizer
 
 from flowrl.algos.preference import bradley_terry_loss, pair_accuracy
 from flowrl.batch import Batch
-from flowrl.controller import ResourcePool, WorkerGroup, init_ray
+from flowrl.controller import WorkerGroup
 from flowrl.data import DataLoader, PreferenceDataset, SequenceDataConfig
 from flowrl.engines.fsdp import FSDPEngineConfig
 from flowrl.engines.optim import OptimizerConfig
 from flowrl.keys import Keys
 from flowrl.trainer.loop import LoopSettings, program_config, run_program
+from flowrl.trainer.placement import connect, place_one_role, shutdown_groups
 from flowrl.trainer.tracking import Tracker, mean_metrics
 from flowrl.workers.reward_model import RewardModelTrainer
 
@@ -51,6 +52,9 @@ class RewardModelTrainConfig:
     micro_batch_size: int = 8  # pairs per forward/backward on one rank (2x sequences)
     num_workers: int = 1  # FSDP2 ranks (one per GPU with use_gpu)
     use_gpu: bool = False
+    ray_address: str | None = None  # None: start a local Ray cluster; "auto" or "ip:port": join one (docs/scaling.md)
+    nnodes: int = 1  # machines the workers span: num_workers / nnodes on each
+    cpus_per_worker: float = 1.0  # CPUs reserved per worker (per GPU with use_gpu)
     seed: int = 0  # data order and the head's initialization
     max_length: int = 1024  # prompt + response + EOS; longer pairs are dropped
     dtype: str = "float32"  # FSDP2 compute dtype; master weights stay fp32
@@ -68,6 +72,8 @@ class RewardModelTrainConfig:
                 f"{where}: save_every={self.loop.save_every} must be >= -1, keep_last={self.loop.keep_last} >= 1 "
                 f"and max_bad_steps={self.loop.max_bad_steps} >= 0"
             )
+        if self.nnodes < 1 or self.num_workers % self.nnodes:
+            raise ValueError(f"{where}: num_workers={self.num_workers} is not divisible by nnodes={self.nnodes}")
         if not self.train_files:
             raise ValueError(f"{where}: train_files is empty; name at least one preference parquet/JSONL file")
         if self.batch_size % self.num_workers:
@@ -138,9 +144,8 @@ class _Run:
         train = PreferenceDataset(rm.train_files, tokenizer, data_cfg)
         self.val = PreferenceDataset(rm.val_files, tokenizer, data_cfg) if rm.val_files else None
         self.train_data = DataLoader(train, rm.batch_size, seed=rm.seed)
-        init_ray(num_gpus=rm.num_workers if rm.use_gpu else None)
+        connect(rm.ray_address, rm.num_workers if rm.use_gpu else None)
         self.tracker = Tracker(rm.out_dir, rm.loggers, asdict(rm), total_steps=rm.steps, quiet=rm.loop.quiet)
-        self.pool = ResourcePool(rm.num_workers, use_gpu=rm.use_gpu, num_cpus_per_bundle=1)
         self.actor: Any = None
         self.critic = None
         self.last: Metrics = {}  # the last step's training metrics
@@ -151,8 +156,7 @@ class _Run:
     def shutdown(self) -> None:
         self.tracker.close()
         if self.actor is not None:
-            self.actor.shutdown()
-        self.pool.shutdown()
+            shutdown_groups({"actor": self.actor})
 
 
 def run(cfg: RewardModelTrainConfig) -> Metrics:
@@ -162,7 +166,7 @@ def run(cfg: RewardModelTrainConfig) -> Metrics:
     (``*_before``) and after training and the last step's training metrics."""
     run_ = _Run(cfg)
     try:
-        run_.actor = WorkerGroup(run_.pool, RewardModelTrainer)
+        run_.actor = place_one_role(RewardModelTrainer, cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker, cfg.nnodes)
         run_.actor.init_model(cfg.engine_config(), cfg.micro_batch_size)
     except BaseException:
         run_.shutdown()

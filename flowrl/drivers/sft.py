@@ -30,13 +30,13 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from flowrl.controller import ResourcePool, WorkerGroup, init_ray
 from flowrl.data import DataLoader
 from flowrl.data.sft import SequenceDataConfig, SFTDataset
 from flowrl.engines.fsdp import DTYPES, FSDPEngineConfig
 from flowrl.engines.optim import OptimizerConfig
 from flowrl.keys import Keys
 from flowrl.trainer.loop import LoopSettings, program_config, run_program
+from flowrl.trainer.placement import connect, place_one_role, shutdown_groups
 from flowrl.trainer.tracking import Tracker
 from flowrl.workers.sft import SFTWorker
 
@@ -62,6 +62,9 @@ class SFTConfig:
     grad_clip: float = 1.0  # max global gradient L2 norm; <= 0: no clipping
     num_workers: int = 1  # data-parallel ranks (one per GPU with use_gpu)
     use_gpu: bool = False  # CUDA + NCCL; else CPU + gloo
+    ray_address: str | None = None  # None: start a local Ray cluster; "auto" or "ip:port": join one (docs/scaling.md)
+    nnodes: int = 1  # machines the workers span: num_workers / nnodes on each
+    cpus_per_worker: float = 1.0  # CPUs reserved per worker (per GPU with use_gpu)
     dtype: str = "float32"  # compute dtype (master weights stay fp32)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     seed: int = 0  # data order and initialization
@@ -97,6 +100,11 @@ class SFTConfig:
         check(self.max_bad_steps >= 0, f"max_bad_steps={self.max_bad_steps} must be >= 0 (0: never stop)")
         check(bool(self.resume), "resume is empty: use disable, auto or a checkpoint folder")
         check(self.dtype in DTYPES, f"dtype={self.dtype!r}: choose one of {list(DTYPES)}")
+        check(
+            self.nnodes >= 1 and self.num_workers % self.nnodes == 0,
+            f"num_workers={self.num_workers} is not divisible by nnodes={self.nnodes}",
+        )
+        check(self.cpus_per_worker > 0, f"cpus_per_worker={self.cpus_per_worker} must be > 0")
         check(
             self.batch_size % self.num_workers == 0,
             f"batch_size={self.batch_size} is not divisible by num_workers={self.num_workers}",
@@ -157,9 +165,8 @@ class _Run:
             self.val = SFTDataset(sft.val_files, self.tokenizer, data_cfg) if sft.val_files else None
         except (FileNotFoundError, ValueError) as e:
             raise SFTDataError(str(e)) from e
-        init_ray(num_gpus=sft.num_workers if sft.use_gpu else None)
-        self.pool = ResourcePool(sft.num_workers, use_gpu=sft.use_gpu, num_cpus_per_bundle=1)
-        self.actor: Any = WorkerGroup(self.pool, SFTWorker)  # SFTWorker's methods, bound at run time
+        connect(sft.ray_address, sft.num_workers if sft.use_gpu else None)
+        self.actor: Any = place_one_role(SFTWorker, sft.num_workers, sft.use_gpu, sft.cpus_per_worker, sft.nnodes)
         self.critic = None
         self.tracker = Tracker(sft.out_dir, sft.loggers, asdict(sft), total_steps=sft.steps, quiet=sft.quiet)
 
@@ -168,8 +175,7 @@ class _Run:
 
     def shutdown(self) -> None:
         self.tracker.close()
-        self.actor.shutdown()
-        self.pool.shutdown()
+        shutdown_groups({"actor": self.actor})
 
 
 def train_sft(config: SFTConfig | None = None, **fields: Any) -> Metrics:

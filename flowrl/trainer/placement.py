@@ -32,9 +32,27 @@ def total_workers(cfg: DictConfig) -> int:
 def connect_ray(cfg: DictConfig) -> dict[str, float]:
     """Join ``placement.ray_address``, or start a local cluster sized for the run; its resources."""
     p, t = cfg.placement, cfg.trainer
-    if p.ray_address:
-        return init_ray(address=p.ray_address)
-    return init_ray(num_gpus=total_workers(cfg) if t.use_gpu else None)
+    return connect(p.ray_address, total_workers(cfg) if t.use_gpu else None)
+
+
+def connect(ray_address: str | None, num_gpus: int | None) -> dict[str, float]:
+    """Join the cluster at ``ray_address`` ("auto", "ip:port"), or start a local one with ``num_gpus``."""
+    if ray_address:
+        return init_ray(address=ray_address)
+    return init_ray(num_gpus=num_gpus)
+
+
+def place_one_role(
+    cls: type[Worker], num_workers: int, use_gpu: bool, cpus_per_worker: float = 1.0, nnodes: int = 1
+) -> WorkerGroup:
+    """The worker group of a program with one role (SFT, reward-model training): ``num_workers``
+    ranks spread evenly over ``nnodes`` machines. Its pool is ``group.pool`` (``shutdown_groups``)."""
+    pool = ResourcePool(num_workers, use_gpu=use_gpu, num_cpus_per_bundle=cpus_per_worker, nnodes=nnodes)
+    try:
+        return WorkerGroup(pool, cls)
+    except BaseException:
+        pool.shutdown()
+        raise
 
 
 def place_workers(cfg: DictConfig, roles: Mapping[str, type[Worker]]) -> dict[str, WorkerGroup]:

@@ -15,11 +15,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from flowrl.algos import get_estimator
 from flowrl.batch import Batch
 from flowrl.controller import WorkerGroup
 from flowrl.data import DataLoader, PromptDataset
 from flowrl.trainer.placement import connect_ray, place_workers, shutdown_groups
 from flowrl.trainer.preflight import check_run_inputs, load_inputs
+from flowrl.keys import Keys
 from flowrl.rewards import RewardRunner
 from flowrl.trainer.tracking import Tracker
 from flowrl.workers.actor_rollout import ActorRollout
@@ -69,7 +71,9 @@ class Runtime:
 
 
 def needs_reference(cfg: DictConfig) -> bool:
-    return bool(cfg.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward)
+    """A KL term, or an estimator that reads the reference's log-probs, needs the reference policy."""
+    estimator_reads = Keys.REF_LOGPROBS in get_estimator(cfg.algorithm.advantage.estimator).needs
+    return bool(cfg.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward or estimator_reads)
 
 
 def build_runtime(cfg: DictConfig) -> Runtime:
