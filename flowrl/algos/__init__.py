@@ -2,11 +2,12 @@
 
 advantages  estimators ``fn(batch, cfg) -> (advantages, returns)``, registered by name
 losses      policy / value / entropy / KL / SFT loss terms -> (loss [B, R], metrics)
-aggregate   the one reduction of a [B, R] loss to a scalar, with global counts
+aggregate   the one reduction of a [B, R] loss to a scalar, with global counts;
+            how metrics combine over micro-batches and ranks (mean, or max/min by name)
 kl          KL estimators and KL-coefficient controllers
 rewards     sequence scores -> token rewards (with the KL penalty)
 importance  sampler vs trainer log-probs: mismatch metrics, truncated IS
-masked      masked sum / mean / var / whiten
+masked      masked sum / mean / var / whiten, exact for ties and NaN-safe
 preference  the Bradley–Terry pairwise loss of reward-model training
 registry    the estimator and policy-loss registries
 """
@@ -20,7 +21,7 @@ from .advantages import (
     grpo_scores,
     rloo_scores,
 )
-from .aggregate import AGG_MODES, aggregate, loss_counts
+from .aggregate import AGG_MODES, aggregate, loss_counts, metric_reduction, reduce_metric
 from .config import AdvantageConfig, KLControllerConfig, PolicyLossConfig
 from .importance import rollout_mismatch, tis_weights
 from .kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty, make_kl_controller
@@ -34,7 +35,7 @@ from .losses import (
     sft_loss,
     value_loss,
 )
-from .masked import masked_mean, masked_sum, masked_var, masked_whiten
+from .masked import masked_mean, masked_sum, masked_var, masked_whiten, zero_invalid
 from .preference import bradley_terry_loss, pair_accuracy
 from .registry import (
     ESTIMATORS,
@@ -85,9 +86,11 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "metric_reduction",
     "pair_accuracy",
     "pg_loss",
     "ppo_clip_loss",
+    "reduce_metric",
     "register_estimator",
     "register_policy_loss",
     "rloo_scores",
@@ -96,4 +99,5 @@ __all__ = [
     "tis_weights",
     "token_scores",
     "value_loss",
+    "zero_invalid",
 ]

@@ -1,7 +1,9 @@
 """Loss terms: each returns ``(loss [B, R] unreduced, metrics)``; ``aggregate`` reduces.
 
 Metrics are 0-dim detached tensors (masked means over this batch's valid tokens), so
-nothing here syncs with the device. Every loss is 0 where the mask is 0. The trainer
+nothing here syncs with the device. Every loss is 0 where the mask is 0, whatever the
+inputs hold there: each input goes through ``zero_invalid`` before any arithmetic, so a
+NaN or inf at a masked position reaches neither the loss nor the gradient. The trainer
 combines terms before aggregating: aggregate is linear, so
 ``aggregate(pg + c_kl * kl - c_ent * entropy)`` equals the same sum of aggregates.
 """
@@ -13,7 +15,7 @@ import torch
 from .config import PolicyLossConfig
 from .importance import rollout_mismatch, tis_weights
 from .kl import kl_penalty
-from .masked import masked_mean, masked_var
+from .masked import masked_mean, masked_var, zero_invalid
 from .registry import get_policy_loss, register_policy_loss
 
 LossAndMetrics = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -41,6 +43,7 @@ def ppo_clip_loss(
     if dual_clip_c is not None and dual_clip_c <= 1.0:
         raise ValueError(f"ppo_clip_loss: dual_clip_c={dual_clip_c} must be > 1 (typical: 3.0)")
     m = mask.to(logprobs.dtype)  # [B, R]
+    logprobs, old_logprobs, advantages = (zero_invalid(x, mask) for x in (logprobs, old_logprobs, advantages))
     log_ratio = (logprobs - old_logprobs).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)  # [B, R]
     ratio = torch.exp(log_ratio)  # [B, R]
     unclipped = -advantages * ratio  # [B, R]
@@ -70,6 +73,7 @@ def pg_loss(
     On-policy (r = 1) its gradient is REINFORCE's -A_t grad log pi (Williams 1992).
     """
     m = mask.to(logprobs.dtype)  # [B, R]
+    logprobs, old_logprobs, advantages = (zero_invalid(x, mask) for x in (logprobs, old_logprobs, advantages))
     ratio = torch.exp((logprobs - old_logprobs).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT))  # [B, R]
     metrics = {"ppo_kl": masked_mean(old_logprobs - logprobs, m).detach()}
     return -advantages * ratio * m, metrics
@@ -110,13 +114,15 @@ def compute_policy_loss(
     """The registered loss ``cfg.name``; with ``rollout_logprobs`` also mismatch metrics and,
     when ``cfg.tis_cap`` is set, the loss times the TIS weights min(pi_old / mu, cap)."""
     loss, metrics = get_policy_loss(cfg.name)(logprobs, old_logprobs, advantages, mask, cfg)
+    loss = zero_invalid(loss, mask)  # [B, R]; also for a user's registered loss
     if rollout_logprobs is None:
         if cfg.tis_cap is not None:
             raise ValueError("policy_loss.tis_cap is set but no rollout_logprobs were given; keep them")
         return loss, metrics
     metrics.update(rollout_mismatch(old_logprobs, rollout_logprobs, mask))
     if cfg.tis_cap is not None:
-        weights = tis_weights(old_logprobs, rollout_logprobs, cfg.tis_cap)  # [B, R]
+        old, rollout = zero_invalid(old_logprobs, mask), zero_invalid(rollout_logprobs, mask)  # [B, R]
+        weights = tis_weights(old, rollout, cfg.tis_cap)  # [B, R], 1 where masked
         loss = loss * weights
         metrics["tis_weight"] = masked_mean(weights, mask)
     return loss, metrics
@@ -137,6 +143,7 @@ def value_loss(
     Metrics: vf_clipfrac, explained_var = 1 - Var(G - V) / Var(G), vpred (mean V).
     """
     m = mask.to(values.dtype)  # [B, R]
+    values, old_values, returns = (zero_invalid(x, mask) for x in (values, old_values, returns))
     err = (values - returns) ** 2  # [B, R]
     if clip_range is None:
         loss, is_clipped = 0.5 * err, torch.zeros_like(err, dtype=torch.bool)
@@ -162,6 +169,7 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 def entropy_loss(entropy: torch.Tensor, mask: torch.Tensor) -> LossAndMetrics:
     """Entropy bonus as a loss to minimize: L_t = -H_t (scale by the entropy coefficient)."""
     m = mask.to(entropy.dtype)  # [B, R]
+    entropy = zero_invalid(entropy, mask)  # [B, R]
     return -entropy * m, {"entropy": masked_mean(entropy.detach(), m)}
 
 
@@ -177,6 +185,7 @@ def kl_loss(
     See :func:`flowrl.algos.kl.kl_penalty` for the estimators; metric ``kl_loss``.
     """
     m = mask.to(logprobs.dtype)  # [B, R]
+    logprobs, ref_logprobs = zero_invalid(logprobs, mask), zero_invalid(ref_logprobs, mask)  # [B, R]
     kl = kl_penalty(logprobs, ref_logprobs, kind, clamp=clamp) * m  # [B, R]
     return kl, {"kl_loss": masked_mean(kl.detach(), m)}
 
@@ -191,5 +200,5 @@ def sft_loss(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> LossAndMetrics:
     (Radford et al. 2018; Ouyang et al. 2022, arXiv:2203.02155, SFT stage).
     """
     m = loss_mask.to(logprobs.dtype)  # [B, L]
-    nll = -logprobs * m  # [B, L]
+    nll = -zero_invalid(logprobs, loss_mask) * m  # [B, L]
     return nll, {"nll": masked_mean(nll.detach(), m)}

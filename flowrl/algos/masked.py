@@ -104,13 +104,17 @@ def masked_whiten(
     """(x - mean) / sqrt(var + eps) with mean and var over the valid entries.
 
     A constant x (zero variance) whitens to exactly 0. With ``shift_mean=False`` the
-    mean is added back (scale only). Masked positions are transformed too (NaN stays
-    NaN there); use ``zero_invalid`` where they must be zero.
+    mean is added back (scale only). Masked positions are transformed too, with the
+    statistics detached (a NaN there stays there and reaches no gradient of a valid
+    entry); use ``zero_invalid`` where they must be zero.
     """
     centered, mean, w, n = _centered(x, mask)  # [B, R], [], [B, R], []
     var = _masked_var64(centered, w, n, unbiased)  # []
     centered = torch.where(var > 0, centered, 0.0)  # ties: exactly 0
+    rstd = torch.rsqrt(var + eps)  # []
     valid = torch.broadcast_tensors(x, mask)[1] > 0  # [B, R]
-    dev = torch.where(valid, centered, x.double() - mean)  # [B, R]
-    white = dev * torch.rsqrt(var + eps)  # [B, R]
-    return (white if shift_mean else white + mean).to(float_dtype(x))
+    masked_white = (x.double() - mean.detach()) * rstd.detach()  # [B, R], used where masked
+    white = torch.where(valid, centered * rstd, masked_white)  # [B, R]
+    if not shift_mean:
+        white = white + torch.where(valid, mean, mean.detach())
+    return white.to(float_dtype(x))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .kl import kl_penalty
-from .masked import masked_mean
+from .masked import masked_mean, zero_invalid
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,7 @@ def token_scores(scores: torch.Tensor, response_mask: torch.Tensor) -> torch.Ten
         )
     out = torch.zeros(response_mask.shape, dtype=scores.dtype, device=scores.device)  # [B, R]
     out.scatter_(1, last_token_index(response_mask)[:, None], scores[:, None])
-    return out * response_mask.to(scores.dtype)
+    return zero_invalid(out, response_mask)
 
 
 def apply_kl_penalty(
@@ -46,8 +46,9 @@ def apply_kl_penalty(
     adaptive controller), ``kl_seq`` the mean over sequences of the summed KL, ``kl_coef``.
     """
     m = mask.to(token_scores.dtype)  # [B, R]
+    logprobs, ref_logprobs = zero_invalid(logprobs, mask), zero_invalid(ref_logprobs, mask)  # [B, R]
     kl = kl_penalty(logprobs, ref_logprobs, estimator) * m  # [B, R]
-    rewards = (token_scores - kl_coef * kl) * m  # [B, R]
+    rewards = (zero_invalid(token_scores, mask) - kl_coef * kl) * m  # [B, R]
     metrics = {
         "kl": masked_mean(kl, m).detach(),
         "kl_seq": kl.sum(dim=-1).mean().detach(),

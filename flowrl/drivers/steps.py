@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from flowrl.algos import apply_kl_penalty, make_kl_controller, masked_mean, token_scores
+from flowrl.algos import apply_kl_penalty, make_kl_controller, masked_mean, rollout_mismatch, token_scores
 from flowrl.algos.kl import FixedKLController
 from flowrl.batch import Batch
 from flowrl.engines.memory import max_over_ranks
@@ -134,17 +134,17 @@ def rollout_metrics(batch: Batch) -> Metrics:
     if Keys.ENTROPY in batch:
         metrics["actor/entropy"] = masked_mean(batch[Keys.ENTROPY], mask)
     if Keys.OLD_LOGPROBS in batch and Keys.ROLLOUT_LOGPROBS in batch:
-        delta = batch[Keys.OLD_LOGPROBS] - batch[Keys.ROLLOUT_LOGPROBS]  # [B, R]
-        metrics["rollout/logprob_diff_mean"] = masked_mean(delta.abs(), mask)
-        metrics["rollout/logprob_diff_max"] = (delta.abs() * mask).max()
-        metrics["rollout/prob_ratio_err"] = masked_mean((delta.exp() - 1).abs(), mask)
+        # rollout/logprob_diff_mean, _max, prob_ratio_err: masked positions never count
+        mismatch = rollout_mismatch(batch[Keys.OLD_LOGPROBS], batch[Keys.ROLLOUT_LOGPROBS], mask)
+        metrics |= {f"rollout/{k.removeprefix('rollout_')}": v for k, v in mismatch.items()}
     if Keys.REF_LOGPROBS in batch and Keys.OLD_LOGPROBS in batch:
         metrics["kl_ref/k1"] = masked_mean(batch[Keys.OLD_LOGPROBS] - batch[Keys.REF_LOGPROBS], mask)
     return {k: float(v) for k, v in metrics.items()}
 
 
 def update_metrics(per_rank: list[list[Metrics]]) -> Metrics:
-    """Mean over ranks and mini-batch steps of what ``update`` returned.
+    """Mean over ranks and mini-batch steps of what ``update`` returned (max of a ``*_max``
+    metric, min of a ``*_min`` one: ``mean_metrics``).
 
     ``actor/first_ppo_kl`` and ``actor/first_clipfrac`` are those of the first mini-batch
     only: it starts at the rollout policy, so both must be exactly 0 (step-0 consistency).

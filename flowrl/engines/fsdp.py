@@ -21,7 +21,8 @@ one. Its score is the head's output at the last real token of each sequence.
 
 Loss normalization. ``loss_fn`` returns a loss already divided by the *global* count
 (tokens or sequences over all ranks and micro-batches, see ``Normalizer``; tokens are
-those of ``RESPONSE_MASK``, or of ``LOSS_MASK`` in a sequence batch), so that the
+those of ``RESPONSE_MASK``, or of ``LOSS_MASK`` in a sequence batch, and a sequence is a
+row with at least one such token, as in ``flowrl.algos.aggregate.loss_counts``), so that the
 sum over micro-batches and ranks is the global mean. FSDP2's reduce-scatter averages
 gradients over ranks, so each rank backpropagates ``loss * dp_size``; the resulting
 gradient is that of the global mean whatever the DP size and micro-batch split.
@@ -52,6 +53,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from flowrl.algos.aggregate import loss_counts, reduce_metric
 from flowrl.algos.rewards import last_token_index
 from flowrl.batch import Batch
 from flowrl.engines.distributed import init_process_group
@@ -144,11 +146,18 @@ def token_mask(batch: Batch) -> torch.Tensor:
     return batch[Keys.LOSS_MASK] if Keys.INPUT_IDS in batch else batch[Keys.RESPONSE_MASK]
 
 
-def _token_count(batch: Batch) -> float:
-    """Tokens a loss may count: both sequences of preference pairs, else ``token_mask``."""
+def _loss_counts(batch: Batch) -> tuple[float, float]:
+    """This rank's (tokens, sequences) for ``Normalizer``: the counts ``aggregate`` divides by.
+
+    Rollout and sequence batches: ``loss_counts(token_mask(batch))``, the definition of
+    ``flowrl.algos.aggregate`` (a row without a valid token, e.g. an empty response, is
+    no sequence); preference pairs: the tokens of both sequences and the number of pairs.
+    """
     if Keys.CHOSEN_IDS in batch:
-        return float(batch[Keys.CHOSEN_MASK].sum() + batch[Keys.REJECTED_MASK].sum())
-    return float(token_mask(batch).sum())
+        tokens = batch[Keys.CHOSEN_MASK].sum() + batch[Keys.REJECTED_MASK].sum()
+        return float(tokens), float(len(batch))
+    tokens, seqs = loss_counts(token_mask(batch))
+    return float(tokens), float(seqs)
 
 
 class FSDPEngine:
@@ -402,14 +411,15 @@ class FSDPEngine:
         and the global counts, and returns (loss already
         divided by a global count, metrics). Afterwards each parameter's gradient is
         the gradient of the global loss, the sum of the loss over micro-batches and
-        ranks. Returns that global loss and the mean of the metrics over micro-batches.
+        ranks. Returns that global loss and the metrics over micro-batches: the mean,
+        the max of a ``*_max`` metric, the min of a ``*_min`` one (``reduce_metric``).
         """
         self.model.train()
         micros = self._micro_batches(batch, micro_batch_size)
-        counts = self._all_gather_floats([_token_count(batch), float(len(batch))])
+        counts = self._all_gather_floats(list(_loss_counts(batch)))
         norm = Normalizer(global_tokens=float(counts[:, 0].sum()), global_seqs=float(counts[:, 1].sum()))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        metric_sums: dict[str, torch.Tensor | float] = {}
+        metric_parts: dict[str, list[torch.Tensor | float]] = {}
         for micro in micros:
             micro = micro.to(self.device)
             pairs = Keys.CHOSEN_IDS in micro
@@ -417,11 +427,11 @@ class FSDPEngine:
             loss, metrics = loss_fn(micro, out, norm)
             (loss * self.dp_size).backward()  # FSDP2's reduce-scatter divides by dp_size again
             loss_sum += loss.detach().double()
-            for key, value in metrics.items():  # summed on the device: one sync at the end
+            for key, value in metrics.items():  # kept on the device: one sync per key at the end
                 value = value.detach() if isinstance(value, torch.Tensor) else value
-                metric_sums[key] = metric_sums.get(key, 0.0) + value
+                metric_parts.setdefault(key, []).append(value)
         dist.all_reduce(loss_sum)
-        result = {k: float(v) / len(micros) for k, v in metric_sums.items()}
+        result = {k: float(reduce_metric(k, parts)) for k, parts in metric_parts.items()}
         result["loss"] = float(loss_sum)
         return result
 

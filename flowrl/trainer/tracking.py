@@ -24,6 +24,8 @@ from typing import Any, TextIO
 
 import torch
 
+from flowrl.algos.aggregate import reduce_metric
+
 
 def to_float(value: Any) -> float:
     if isinstance(value, torch.Tensor):
@@ -32,14 +34,14 @@ def to_float(value: Any) -> float:
 
 
 def mean_metrics(per_rank: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-    """Average dicts of metrics (e.g. one per rank or per micro-batch), key by key."""
-    sums: dict[str, float] = defaultdict(float)
-    counts: dict[str, int] = defaultdict(int)
+    """Combine dicts of metrics (e.g. one per rank or per mini-batch), key by key: the mean,
+    except that a ``*_max`` (``*/max``) key is the max and a ``*_min`` key the min
+    (``flowrl.algos.reduce_metric``)."""
+    parts: dict[str, list[float]] = defaultdict(list)
     for metrics in per_rank:
         for k, v in metrics.items():
-            sums[k] += to_float(v)
-            counts[k] += 1
-    return {k: sums[k] / counts[k] for k in sums}
+            parts[k].append(to_float(v))
+    return {k: float(reduce_metric(k, list(values))) for k, values in parts.items()}
 
 
 class Timer:

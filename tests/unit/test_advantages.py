@@ -12,9 +12,11 @@ from flowrl.algos import (
     discounted_returns,
     gae_advantages,
     get_estimator,
+    group_stats,
     grpo_scores,
     masked_mean,
     masked_var,
+    masked_whiten,
     register_estimator,
     rloo_scores,
 )
@@ -286,3 +288,162 @@ def test_user_can_register_an_estimator():
             register_estimator("test_constant", needs=())(constant)
     finally:
         ESTIMATORS.remove("test_constant")
+
+
+# ---- exact group statistics (DESIGN.md 4: tied groups give exactly 0) ----------------------
+TIED_VALUES = [0.1, 0.7, 1 / 3, 0.3, 0.2, 0.9, 123.456]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("value", TIED_VALUES)
+def test_tied_group_gets_exactly_zero_advantage_in_every_dtype(value, dtype):
+    """A plain fp32 sum of n copies of 0.1 is off by a rounding step; divided by std + eps it
+    became an advantage of one sign and size ~0.7 (n = 64). Every group size 2..64."""
+    for n in range(2, 65):
+        scores = torch.full((n,), value, dtype=dtype)  # [n]
+        groups = torch.zeros(n, dtype=torch.long)
+        for norm_by_std in (True, False):
+            assert (grpo_scores(scores, groups, norm_by_std, eps=1e-6) == 0).all(), (n, norm_by_std)
+        assert (rloo_scores(scores, groups) == 0).all(), n
+        mean, std, size = group_stats(scores, groups)
+        assert (mean == scores).all() and (std == 0).all() and (size == n).all(), n
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tied_groups_next_to_untied_ones_and_every_group_estimator(dtype):
+    """Many tied groups of different values and sizes in one batch, beside untied groups."""
+    g = torch.Generator().manual_seed(0)
+    values, sizes = [0.1, 0.7, 1 / 3, 0.3, 0.55], [64, 7, 3, 16, 2]
+    tied = torch.cat([torch.full((n,), v) for v, n in zip(values, sizes)])  # [B_tied]
+    scores = torch.cat([tied, torch.rand(8, generator=g)]).to(dtype)  # [B]
+    groups = torch.cat([torch.repeat_interleave(torch.arange(5), torch.tensor(sizes)), torch.tensor([5] * 8)])
+    is_tied = groups < 5
+    out = grpo_scores(scores, groups, norm_by_std=True, eps=1e-6)
+    assert (out[is_tied] == 0).all() and (out[~is_tied] != 0).any()
+    assert (rloo_scores(scores, groups)[is_tied] == 0).all()
+    # every estimator over a batch of only tied groups: exactly 0 everywhere
+    mask = torch.ones(len(tied), 3)
+    batch = Batch({Keys.SCORES: tied.to(dtype), Keys.GROUP_IDS: groups[is_tied], Keys.RESPONSE_MASK: mask})
+    for name in ("grpo", "rloo", "reinforce_pp_baseline"):
+        for norm_by_std in (True, False):
+            adv, ret = compute_advantages(batch, AdvantageConfig(estimator=name, norm_by_std=norm_by_std))
+            assert (adv == 0).all() and (ret == 0).all(), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("value", TIED_VALUES)
+def test_whitening_a_constant_gives_exactly_zero(value, dtype):
+    for n in (2, 7, 64, 1000):
+        x = torch.full((2, n), value, dtype=dtype)  # [2, n]
+        mask = torch.ones(2, n)
+        mask[1, n // 2 :] = 0.0
+        x[1, n // 2 :] = 5.0  # masked: other values must not matter
+        white = masked_whiten(x, mask)
+        assert (white[mask > 0] == 0).all(), n
+        assert (masked_mean(x, mask) == x[0, 0]).all() and masked_var(x, mask) == 0
+        assert (masked_whiten(x, mask, shift_mean=False)[mask > 0] == x[0, 0]).all()
+    # REINFORCE++: equal returns on every valid token whiten to exactly 0
+    rewards = torch.zeros(3, 4, dtype=dtype)
+    rewards[:, 0] = value  # one valid token per row
+    mask = torch.tensor([[1.0, 0, 0, 0]] * 3)
+    batch = Batch({Keys.TOKEN_REWARDS: rewards, Keys.RESPONSE_MASK: mask})
+    adv, _ = compute_advantages(batch, AdvantageConfig(estimator="reinforce_pp"))
+    assert (adv == 0).all()
+
+
+def _group_loop64(scores: torch.Tensor, groups: torch.Tensor) -> tuple[list[float], ...]:
+    """Reference in Python floats (float64), exact sums (math.fsum): per-sample mean, std, size."""
+    mean, std, size = [0.0] * len(scores), [0.0] * len(scores), [0.0] * len(scores)
+    for gid in groups.unique().tolist():
+        members = (groups == gid).nonzero().flatten().tolist()
+        vals = [float(scores[i]) for i in members]
+        mu = math.fsum(vals) / len(vals)
+        sd = math.sqrt(math.fsum((v - mu) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        for i in members:
+            mean[i], std[i], size[i] = mu, sd, float(len(vals))
+    return mean, std, size
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(5))
+def test_group_estimators_match_a_float64_loop(seed, dtype):
+    """Scores with a large offset and a small spread: an fp32 mean is off by many % of the spread."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 65, (6,), generator=g)
+    groups = torch.repeat_interleave(torch.arange(6) * 3 + 1, sizes)  # any integer ids
+    groups = groups[torch.randperm(len(groups), generator=g)]  # members not contiguous
+    scores = (1000.0 + 1e-3 * torch.randn(len(groups), generator=g, dtype=torch.float64)).to(dtype)  # [B]
+    mean, std, size = (torch.tensor(v, dtype=torch.float64) for v in _group_loop64(scores, groups))
+    centered = scores.double() - mean  # [B], exact inputs, float64 arithmetic
+    expected = {
+        "grpo": centered / (std + 1e-6),
+        "dr_grpo": centered,
+        "rloo": centered * size / (size - 1).clamp(min=1),
+    }
+    got = {
+        "grpo": grpo_scores(scores, groups, norm_by_std=True, eps=1e-6),
+        "dr_grpo": grpo_scores(scores, groups, norm_by_std=False, eps=1e-6),
+        "rloo": rloo_scores(scores, groups),
+    }
+    for name, out in got.items():
+        assert out.dtype == dtype
+        assert_close(out, expected[name].to(dtype), msg=name)
+        for gid in groups.unique():
+            assert abs(out[groups == gid].double().mean().item()) < 1e-6 * max(1.0, out.abs().max().item())
+    stats = group_stats(scores, groups)
+    for got_stat, want in zip(stats, (mean, std, size)):
+        assert_close(got_stat, want.to(dtype))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_masked_whiten_matches_a_float64_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = _random_mask(g, 8, 50, holes=True)
+    x = 1000.0 + 1e-3 * torch.randn(8, 50, generator=g)  # [B, R] float32
+    vals = [float(v) for v in x[mask > 0]]
+    mu = math.fsum(vals) / len(vals)
+    var = math.fsum((v - mu) ** 2 for v in vals) / (len(vals) - 1)
+    expected = (x.double() - mu) / math.sqrt(var + 1e-8)  # [B, R]
+    white = masked_whiten(x, mask)
+    assert_close(white[mask > 0], expected[mask > 0].float())
+    assert abs(masked_mean(white, mask).item()) < 1e-5
+    assert_close(masked_mean(x, mask), torch.tensor(mu, dtype=torch.float32))
+    assert_close(masked_var(x, mask).double(), torch.tensor(var, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+# ---- NaN / inf at masked positions never reach a valid one ------------------------------
+def _poison(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x with NaN, +inf and -inf (in turn) at its masked positions."""
+    bad = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    fill = bad[torch.arange(x.numel()) % 3].reshape(x.shape).to(x.dtype)
+    return torch.where(mask > 0, x, fill)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gae_and_returns_ignore_nan_and_inf_at_masked_positions(seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = _random_mask(g, 6, 9, holes=True)
+    mask[2] = 0.0  # an empty response
+    rewards, values = torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g)
+    clean_adv, clean_ret = gae_advantages(rewards, values, mask, 0.9, 0.95)
+    bad_values = _poison(values, mask).requires_grad_(True)
+    adv, ret = gae_advantages(_poison(rewards, mask), bad_values, mask, 0.9, 0.95)
+    assert_close(adv, clean_adv) and assert_close(ret, clean_ret)
+    (adv.sum() + ret.sum()).backward()
+    assert torch.isfinite(bad_values.grad).all() and (bad_values.grad[mask == 0] == 0).all()
+    ret = discounted_returns(_poison(rewards, mask), mask, 0.9)
+    assert_close(ret, discounted_returns(rewards, mask, 0.9))
+
+
+@pytest.mark.parametrize("name", ["gae", "grpo", "rloo", "remax", "reinforce_pp", "reinforce_pp_baseline"])
+def test_every_estimator_ignores_nan_and_inf_at_masked_positions(name):
+    clean = _full_batch(0)
+    mask = clean[Keys.RESPONSE_MASK]
+    bad = Batch({k: clean[k] for k in clean.keys()})
+    bad[Keys.TOKEN_REWARDS] = _poison(clean[Keys.TOKEN_REWARDS], mask)
+    bad[Keys.VALUES] = _poison(clean[Keys.VALUES], mask)
+    cfg = AdvantageConfig(estimator=name, gamma=0.9, lam=0.9)
+    for got, want in zip(compute_advantages(bad, cfg), compute_advantages(clean, cfg)):
+        assert torch.isfinite(got).all()
+        assert_close(got, want)

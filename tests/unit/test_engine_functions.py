@@ -162,3 +162,96 @@ def test_replica_ranks_seed_every_rng_vllm_draws_from() -> None:
     assert rank0[:2] == rank1[:2]  # same draws, call by call, from torch, NumPy and Python
     assert rank0[0] != rank0[1]  # each call draws anew
     assert rank0[2] and rank1[2]  # the caller's generators are given back as they were
+
+
+# ---- FSDPEngine.accumulate_gradients: the normaliser and the metrics (no FSDP) -------------
+class _OneParameterEngine:
+    """What ``FSDPEngine.accumulate_gradients`` uses of ``self``, on one rank without FSDP:
+    the "model" has one weight w and its log-probs are w * OLD_LOGPROBS."""
+
+    dp_size = 1
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.model = torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.ones_(self.model.weight)  # w = 1
+
+    def _micro_batches(self, batch: Batch, micro_batch_size: int) -> list[Batch]:
+        return batch.split(micro_batch_size)
+
+    def _all_gather_floats(self, values: list[float]) -> torch.Tensor:
+        return torch.tensor([values], dtype=torch.float64)  # [W=1, n]
+
+    def _forward(self, micro: Batch, temperature: float, with_entropy: bool) -> dict[str, torch.Tensor]:
+        return {Keys.LOGPROBS: self.model.weight[0, 0] * micro[Keys.OLD_LOGPROBS]}  # [b, R]
+
+
+def _batch_with_an_empty_response(rows: int = 8, width: int = 5) -> Batch:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, width + 1, (rows,), generator=g)
+    lengths[2] = 0  # an empty response: no token counts
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).float()  # [B, R]
+    return Batch({Keys.OLD_LOGPROBS: torch.randn(rows, width, generator=g), Keys.RESPONSE_MASK: mask})
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+def test_engine_normaliser_matches_aggregate_of_the_whole_batch(mode: str, monkeypatch) -> None:
+    """With an empty-response row, the engine's summed micro-batch losses and the gradient
+    equal ``aggregate`` over the whole batch: one definition of N_seqs (``loss_counts``)."""
+    from flowrl.algos import aggregate
+    from flowrl.engines.fsdp import FSDPEngine
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *args, **kwargs: None)
+    batch, engine = _batch_with_an_empty_response(), _OneParameterEngine()
+
+    def loss_fn(micro: Batch, out: dict[str, torch.Tensor], norm) -> tuple[torch.Tensor, dict]:
+        mask = micro[Keys.RESPONSE_MASK]
+        return aggregate(out[Keys.LOGPROBS], mask, mode, norm.global_tokens, norm.global_seqs), {}
+
+    result = FSDPEngine.accumulate_gradients(engine, batch, loss_fn, 2)  # type: ignore[arg-type]
+    w = torch.ones((), requires_grad=True)
+    whole = aggregate(w * batch[Keys.OLD_LOGPROBS], batch[Keys.RESPONSE_MASK], mode)
+    whole.backward()
+    assert abs(result["loss"] - whole.item()) <= 1e-6
+    assert abs(engine.model.weight.grad.item() - w.grad.item()) <= 1e-6
+
+
+def test_engine_reduces_max_and_min_metrics_over_micro_batches(monkeypatch) -> None:
+    """A metric named ``*_max`` is the max over micro-batches, not the mean of their maxima."""
+    from flowrl.engines.fsdp import FSDPEngine
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *args, **kwargs: None)
+    parts = iter([1.0, 4.0, 2.0, 3.0])
+
+    def loss_fn(micro: Batch, out: dict[str, torch.Tensor], norm) -> tuple[torch.Tensor, dict]:
+        v = next(parts)
+        metrics = {"rollout_logprob_diff_max": torch.tensor(v), "score_min": -v, "ppo_kl": v}
+        return out[Keys.LOGPROBS].sum() * 0.0, metrics
+
+    engine, batch = _OneParameterEngine(), _batch_with_an_empty_response()
+    result = FSDPEngine.accumulate_gradients(engine, batch, loss_fn, 2)  # type: ignore[arg-type]
+    assert result["rollout_logprob_diff_max"] == 4.0
+    assert result["score_min"] == -4.0
+    assert result["ppo_kl"] == 2.5
+
+
+def test_engine_counts_of_rollout_sequence_and_pair_batches() -> None:
+    """Tokens and sequences each batch kind adds to the ``Normalizer``."""
+    from flowrl.algos import loss_counts
+    from flowrl.engines.fsdp import _loss_counts
+
+    rollout = _batch_with_an_empty_response()
+    mask = rollout[Keys.RESPONSE_MASK]
+    assert _loss_counts(rollout) == tuple(float(c) for c in loss_counts(mask)) == (mask.sum().item(), 7.0)
+    loss_mask = torch.tensor([[0.0, 1, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]])  # SFT: row 1 has no target
+    sft = Batch({Keys.INPUT_IDS: torch.ones(3, 4, dtype=torch.long), Keys.LOSS_MASK: loss_mask})
+    assert _loss_counts(sft) == (3.0, 2.0)
+    pairs = Batch(
+        {
+            Keys.CHOSEN_IDS: torch.ones(2, 3, dtype=torch.long),
+            Keys.CHOSEN_MASK: torch.tensor([[1, 1, 0], [1, 1, 1]]),
+            Keys.REJECTED_IDS: torch.ones(2, 3, dtype=torch.long),
+            Keys.REJECTED_MASK: torch.tensor([[1, 0, 0], [1, 1, 0]]),
+        }
+    )
+    assert _loss_counts(pairs) == (8.0, 2.0)  # both sequences' tokens; every pair counts

@@ -5,8 +5,11 @@ import torch
 from torch.testing import assert_close
 
 from flowrl.algos import (
+    AGG_MODES,
     POLICY_LOSSES,
     PolicyLossConfig,
+    aggregate,
+    apply_kl_penalty,
     compute_policy_loss,
     entropy_from_logits,
     entropy_loss,
@@ -15,6 +18,7 @@ from flowrl.algos import (
     ppo_clip_loss,
     register_policy_loss,
     rollout_mismatch,
+    sft_loss,
     tis_weights,
     value_loss,
 )
@@ -207,3 +211,90 @@ def test_policy_loss_registry():
         POLICY_LOSSES.remove("test_neg_logp")
     with pytest.raises(KeyError, match="unknown policy loss 'test_neg_logp'"):
         compute_policy_loss(OLD, OLD, ADV, MASK, PolicyLossConfig(name="test_neg_logp"))
+
+
+# ---- NaN / inf at masked positions reach neither the loss nor the gradient ---------------
+def _loss_inputs(seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 8, (5,), generator=g)
+    lengths[1] = 0  # an empty response
+    mask = (torch.arange(7)[None, :] < lengths[:, None]).float()  # [5, 7]
+    mask[0, 1] = 0.0  # a hole (e.g. a tool observation)
+
+    def rand(scale: float = 1.0) -> torch.Tensor:
+        return scale * torch.randn(5, 7, generator=g)
+
+    old = -torch.rand(5, 7, generator=g) * 3  # [5, 7]
+    inputs = {
+        "logprobs": old + rand(0.3),
+        "old_logprobs": old,
+        "ref_logprobs": old + rand(0.3),
+        "rollout_logprobs": old + rand(0.3),
+        "advantages": rand(),
+        "values": rand(),
+        "old_values": rand(),
+        "returns": rand(),
+        "entropy": torch.rand(5, 7, generator=g) * 2,
+        "token_scores": rand(),
+    }
+    return inputs, mask
+
+
+def _poisoned(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x with NaN, +inf and -inf (in turn) wherever the mask is 0."""
+    bad = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    return torch.where(mask > 0, x, bad[torch.arange(x.numel()) % 3].reshape(x.shape))
+
+
+LOSS_CASES = {
+    "ppo_clip": lambda d, m: ppo_clip_loss(
+        d["logprobs"], d["old_logprobs"], d["advantages"], m, 0.2, 0.28, dual_clip_c=3.0
+    ),
+    "pg": lambda d, m: pg_loss(d["logprobs"], d["old_logprobs"], d["advantages"], m),
+    "policy_tis": lambda d, m: compute_policy_loss(
+        d["logprobs"], d["old_logprobs"], d["advantages"], m, PolicyLossConfig(tis_cap=2.0),
+        d["rollout_logprobs"],
+    ),
+    "value_clip": lambda d, m: value_loss(d["values"], d["old_values"], d["returns"], m, 0.2),
+    "value": lambda d, m: value_loss(d["values"], d["old_values"], d["returns"], m, None),
+    "entropy": lambda d, m: entropy_loss(d["entropy"], m),
+    "kl_k1": lambda d, m: kl_loss(d["logprobs"], d["ref_logprobs"], m, "k1"),
+    "kl_k2": lambda d, m: kl_loss(d["logprobs"], d["ref_logprobs"], m, "k2"),
+    "kl_k3": lambda d, m: kl_loss(d["logprobs"], d["ref_logprobs"], m, "k3"),
+    "sft": lambda d, m: sft_loss(d["logprobs"], m),
+    "kl_reward": lambda d, m: apply_kl_penalty(
+        d["token_scores"], d["logprobs"], d["ref_logprobs"], m, kl_coef=0.1, estimator="k3"
+    ),
+}
+GRAD_INPUTS = ("logprobs", "values", "entropy", "advantages", "token_scores")
+
+
+def _run_loss(name: str, inputs: dict[str, torch.Tensor], mask: torch.Tensor):
+    leaves = {k: v.clone().requires_grad_(k in GRAD_INPUTS) for k, v in inputs.items()}
+    loss, metrics = LOSS_CASES[name](leaves, mask)
+    total = sum(aggregate(loss, mask, mode) for mode in AGG_MODES)
+    total.backward()
+    grads = {k: leaves[k].grad for k in GRAD_INPUTS if leaves[k].grad is not None}
+    return loss.detach(), {k: torch.as_tensor(v) for k, v in metrics.items()}, total.detach(), grads
+
+
+@pytest.mark.parametrize("name", LOSS_CASES)
+@pytest.mark.parametrize("seed", range(3))
+def test_nan_and_inf_at_masked_positions_change_nothing(name, seed):
+    """Every input holds NaN / inf where masked: losses, metrics, aggregates and gradients
+    equal the clean inputs' and are finite (``x * mask`` would give NaN * 0 = NaN)."""
+    clean, mask = _loss_inputs(seed)
+    poisoned = {k: _poisoned(v, mask) for k, v in clean.items()}
+    want, got = _run_loss(name, clean, mask), _run_loss(name, poisoned, mask)
+    assert torch.isfinite(got[0]).all() and (got[0][mask == 0] == 0).all()
+    assert_close(got[0], want[0])
+    assert got[1].keys() == want[1].keys()
+    for key in want[1]:
+        assert torch.isfinite(got[1][key]).all(), key
+        assert_close(got[1][key], want[1][key], msg=key)
+    assert torch.isfinite(got[2]) and abs(got[2].item() - want[2].item()) <= 1e-6
+    assert got[3].keys() == want[3].keys() and got[3]
+    for key, grad in got[3].items():
+        assert torch.isfinite(grad).all(), key
+        assert (grad[mask == 0] == 0).all(), key
+        assert_close(grad, want[3][key], msg=key)

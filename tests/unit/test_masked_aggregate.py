@@ -127,3 +127,51 @@ def test_local_counts_would_break_the_split():
     whole = _loss(d["logprobs"], d, slice(None), "token-mean")
     naive = sum(_loss(d["logprobs"], d, slice(i, i + 2), "token-mean") for i in range(0, 16, 2)) / 8
     assert abs(naive.item() - whole.item()) > 1e-3
+
+
+# ---- NaN / inf at masked positions: neither values nor gradients ------------------------
+def _poisoned(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    bad = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    return torch.where(mask > 0, x, bad[torch.arange(x.numel()) % 3].reshape(x.shape))
+
+
+REDUCTIONS = {
+    "sum": lambda x, m: masked_sum(x, m),
+    "sum_rows": lambda x, m: masked_sum(x, m, dim=-1),
+    "mean": lambda x, m: masked_mean(x, m),
+    "mean_rows": lambda x, m: masked_mean(x, m, dim=-1),
+    "mean_cols": lambda x, m: masked_mean(x, m, dim=0),
+    "var": lambda x, m: masked_var(x, m),
+    "whiten": lambda x, m: masked_whiten(x, m)[m > 0],
+    "scale": lambda x, m: masked_whiten(x, m, shift_mean=False)[m > 0],
+    **{mode: (lambda x, m, mode=mode: aggregate(x, m, mode)) for mode in AGG_MODES},
+}
+
+
+@pytest.mark.parametrize("name", REDUCTIONS)
+def test_masked_reductions_ignore_nan_and_inf_also_in_the_gradient(name):
+    d = _random_rollout(0)  # has an empty row
+    mask = d["mask"]
+    clean = d["adv"].clone().requires_grad_(True)
+    bad = _poisoned(d["adv"], mask).requires_grad_(True)
+    want, got = REDUCTIONS[name](clean, mask), REDUCTIONS[name](bad, mask)
+    assert torch.isfinite(got).all()
+    assert_close(got, want)
+    want.sum().backward()
+    got.sum().backward()
+    assert torch.isfinite(bad.grad).all() and (bad.grad[mask == 0] == 0).all()
+    assert_close(bad.grad, clean.grad)
+
+
+def test_loss_counts_skip_empty_rows_and_match_aggregate():
+    """N_seqs counts rows with a valid token: seq-mean over a batch with an empty response
+    equals the mean over the non-empty ones (an empty row adds 0 to the sum and to N)."""
+    d = _random_rollout(1)
+    mask, loss = d["mask"], d["adv"]
+    assert mask[3].sum() == 0
+    tokens, seqs = loss_counts(mask)
+    assert (tokens.item(), seqs.item()) == (mask.sum().item(), 15.0)
+    keep = mask.sum(-1) > 0
+    for mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        assert_close(aggregate(loss, mask, mode), aggregate(loss[keep], mask[keep], mode))
+        assert_close(aggregate(loss, mask, mode, global_seqs=seqs), aggregate(loss, mask, mode))
