@@ -36,7 +36,7 @@ class Normalizer:
     """Global counts over all ranks and micro-batches of one optimizer step."""
 
     global_tokens: float  # sum of RESPONSE_MASK (LOSS_MASK in a sequence batch)
-    global_seqs: float  # number of sequences
+    global_seqs: float  # sequences with at least one valid token (pairs, in a preference batch)
 
 
 Metrics = dict[str, torch.Tensor | float]
