@@ -37,6 +37,11 @@ def train(args: argparse.Namespace) -> int:
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    if args.print_config:  # validated above; nothing is started
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        return 0
     from flowrl.drivers.registry import load_driver
     from flowrl.trainer.faults import run_training
 
@@ -229,9 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowrl", description="Reinforcement learning for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("quickstart", help="SFT then GRPO a tiny model on arithmetic, on CPU (see --help)", add_help=False)
-    p = sub.add_parser("train", help="run a recipe: flowrl train RECIPE.yaml [key=value ...]")
+    p = sub.add_parser(
+        "train",
+        help="run a recipe: flowrl train RECIPE.yaml [key=value ...]",
+        description="Run an RL recipe. Every key, its default and its meaning: docs/recipes.md (generated "
+        "from flowrl/config.py); --print-config shows the values a command line resolves to.",
+    )
     p.add_argument("recipe", help="a recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.total_steps=3")
+    p.add_argument(
+        "--print-config", action="store_true",
+        help="print the resolved config (recipe + overrides + defaults, validated) as YAML and exit 0 "
+        "without starting anything; the output is itself a recipe",
+    )  # fmt: skip
     p.set_defaults(run=train)
 
     p = sub.add_parser(

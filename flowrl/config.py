@@ -8,6 +8,7 @@ values fail here, with a message that names the recipe and the key.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -150,6 +151,9 @@ class TrainerConfig:
     hang_timeout_s: float = 1800.0  # once one rank of a call returned, the others get this long; 0: no limit
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])  # + tensorboard, wandb
     quiet: bool = False  # no progress bar or console lines (metrics.jsonl and other sinks still written)
+    # files: each worker process's stdout/stderr (vLLM, torch, Ray) goes to RUN_DIR/logs/worker_<rank>.log
+    # and the console shows flowrl's own lines only; console: Ray forwards it all to the console
+    worker_logs: str = "files"
     save_policy: bool = True  # the final policy as a Hugging Face folder in RUN_DIR/policy
 
 
@@ -161,7 +165,9 @@ class PlacementConfig:
     nnodes: int = 1  # machines the actor's workers span: trainer.num_workers / nnodes on each
     separate: list[str] = field(default_factory=list)  # roles on their own workers: critic, reward_model
     separate_workers: int = 1  # workers (one GPU each on GPU) for each role in `separate`
-    cpus_per_worker: float = 1.0  # CPUs reserved per worker (per GPU on GPU)
+    # CPUs reserved per worker (per GPU on GPU); its torch threads follow them. null: a node's CPUs
+    # divided among the workers placed on it (at start, from the Ray cluster's resources)
+    cpus_per_worker: float | None = None
 
 
 SEPARABLE_ROLES = ("critic", "reward_model")
@@ -185,8 +191,6 @@ class Config:
 def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Defaults <- recipe YAML <- ``key=value`` overrides; validated and read-only."""
     where = f"recipe {os.fspath(recipe)}" if recipe else "config"
-    if overrides:
-        where = f"{where} with overrides {' '.join(overrides)}" if recipe else "overrides"
     cfg = merge_recipe(OmegaConf.structured(Config), recipe, overrides)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -199,24 +203,42 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | 
 def merge_recipe(
     base: DictConfig, recipe: str | os.PathLike | None, overrides: list[str] | None
 ) -> DictConfig:
-    """``base`` <- recipe YAML <- ``key=value`` overrides; errors name the recipe and the key."""
-    where = f"recipe {os.fspath(recipe)}" if recipe else "config"
+    """``base`` <- recipe YAML <- ``key=value`` overrides; an error names the recipe (and the
+    YAML line) or the one override it comes from, and the key."""
     cfg = base
-    try:
-        if recipe is not None:
-            if not os.path.exists(recipe):
-                raise ConfigError(f"recipe {os.fspath(recipe)}: no such file")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(recipe))
-        if overrides:
-            where = f"{where} with overrides {' '.join(overrides)}" if recipe else "overrides"
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except ConfigError:
-        raise
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{where}: {_one_line(e)}") from None
-    except Exception as e:  # malformed YAML and the like
-        raise ConfigError(f"{where}: cannot read it ({type(e).__name__}: {_one_line(e)})") from None
+    if recipe is not None:
+        name = os.fspath(recipe)
+        if not os.path.exists(name):
+            raise ConfigError(f"recipe {name}: no such file")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(name))
+        except OmegaConfBaseException as e:
+            line = _yaml_line(name, getattr(e, "full_key", None))
+            raise ConfigError(f"recipe {name}{line}: {_one_line(e)}") from None
+        except Exception as e:  # malformed YAML and the like
+            mark = getattr(e, "context_mark", None) or getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"recipe {name}{line}: cannot read it ({type(e).__name__}: {_one_line(e)})") from None
+    for override in overrides or []:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {override}: {_one_line(e)}") from None
+        except Exception as e:
+            raise ConfigError(f"override {override}: cannot read it ({type(e).__name__}: {_one_line(e)})") from None
     return cast(DictConfig, cfg)
+
+
+def _yaml_line(path: str, full_key: str | None) -> str:
+    """`` line N`` where the recipe writes the last part of ``full_key`` (best effort), else ``""``."""
+    if not full_key:
+        return ""
+    last = full_key.split(".")[-1]
+    with open(path) as f:
+        for number, text in enumerate(f, start=1):
+            if text.lstrip().startswith(f"{last}:"):
+                return f" line {number}"
+    return ""
 
 
 def _one_line(e: Exception) -> str:
@@ -241,7 +263,50 @@ _CHOICES = {
     "data.prompts.overlong": ("filter", "truncate_left", "error"),
     "actor.optim.lr_schedule": ("constant", "cosine"),
     "critic.optim.lr_schedule": ("constant", "cosine"),
+    "trainer.worker_logs": ("files", "console"),
 }
+
+
+# Sizes and counts: (key, least value); a zero here would divide by zero or do nothing.
+_AT_LEAST = (
+    ("data.train_batch_size", 1), ("actor.mini_batch_size", 1), ("actor.micro_batch_size", 1),
+    ("actor.epochs", 1), ("critic.micro_batch_size", 1), ("critic.epochs", 1),
+    ("rollout.max_response_length", 1), ("data.prompts.max_prompt_length", 1),
+    ("rollout.tensor_parallel_size", 1), ("rollout.sync_bucket_mb", 1), ("placement.nnodes", 1),
+    ("placement.separate_workers", 1), ("reward.num_workers", 0),
+    ("actor.optim.warmup_steps", 0), ("critic.optim.warmup_steps", 0),
+)  # fmt: skip
+# Reals that must be positive: learning rates, time limits, fractions.
+_POSITIVE = ("actor.optim.lr", "critic.optim.lr", "actor.optim.eps", "critic.optim.eps", "reward.timeout_s",
+             "rollout.gpu_memory_utilization", "rollout.top_p")  # fmt: skip
+LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
+_LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def _check_ranges(cfg: Any, where: str) -> None:
+    """Sizes, rates and loggers that can be refused before anything starts."""
+    for key, least in _AT_LEAST:
+        value = OmegaConf.select(cfg, key)
+        _check(value >= least, where, f"{key}={value} must be >= {least}")
+    for key in _POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        _check(value > 0, where, f"{key}={value} must be > 0")
+    for key in ("actor.optim", "critic.optim"):
+        o = OmegaConf.select(cfg, key)
+        _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, where, f"{key}.beta1/beta2 must be in [0, 1)")
+        _check(o.weight_decay >= 0, where, f"{key}.weight_decay={o.weight_decay} must be >= 0")
+        _check(0 <= o.min_lr_ratio <= 1, where, f"{key}.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    _check(cfg.rollout.top_p <= 1, where, f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
+    _check(cfg.rollout.gpu_memory_utilization <= 1, where, "rollout.gpu_memory_utilization must be in (0, 1]")
+    for name in cfg.trainer.loggers:
+        _check(name in LOGGERS, where, f"trainer.loggers lists {name!r}; known: {', '.join(LOGGERS)}")
+        package = _LOGGER_PACKAGES.get(name)
+        _check(
+            package is None or importlib.util.find_spec(package) is not None,
+            where,
+            f"trainer.loggers lists {name!r} but the {package} package is not installed: "
+            f"pip install 'flowrl[{package}]' (or drop it from trainer.loggers)",
+        )
 
 
 def validate(cfg: Any, where: str = "config") -> None:
@@ -249,6 +314,7 @@ def validate(cfg: Any, where: str = "config") -> None:
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         _check(value in choices, where, f"{key}={value!r} is not one of {', '.join(choices)}")
+    _check_ranges(cfg, where)
     t, a, r = cfg.trainer, cfg.actor, cfg.rollout
     _check(t.num_workers >= 1, where, f"trainer.num_workers={t.num_workers} must be >= 1")
     _check(r.n >= 1, where, f"rollout.n={r.n} must be >= 1")
@@ -326,6 +392,11 @@ def validate(cfg: Any, where: str = "config") -> None:
 def _check_placement(cfg: Any, where: str) -> None:
     """Workers split evenly over machines, tensor-parallel replicas inside one machine."""
     p, n, tp = cfg.placement, cfg.trainer.num_workers, cfg.rollout.tensor_parallel_size
+    _check(
+        p.cpus_per_worker is None or p.cpus_per_worker > 0,
+        where,
+        f"placement.cpus_per_worker={p.cpus_per_worker} must be > 0 (or null: the node's CPUs / its workers)",
+    )
     _check(
         p.nnodes >= 1 and n % p.nnodes == 0,
         where,

@@ -42,7 +42,8 @@ A run's configuration is built in three layers, each overriding the one before:
 Unknown keys, values of the wrong type and inconsistent values (batch sizes that do not
 divide, GAE without a critic) stop the run before anything starts, with one line that names
 the key. The resolved configuration is saved as `RUN_DIR/config.yaml`; it is itself a
-recipe that reproduces the run. Groups whose default is `null` (`reference`,
+recipe that reproduces the run. `flowrl train RECIPE.yaml [key=value ...] --print-config`
+prints it (validated, as YAML) and exits without starting anything. Groups whose default is `null` (`reference`,
 `reward_model`) are off until a recipe sets one of their keys.
 """
 

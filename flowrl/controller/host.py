@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import time
 import traceback
 from typing import Any
 
@@ -20,9 +22,16 @@ class WorkerHost:
 
     Construction is two-step so that the group can ask rank 0 for an address before any
     worker is built: ``setup`` sets the rank environment, then instantiates the roles.
+
+    With ``log_path`` the process first sends its own stdout and stderr to that file
+    (``redirect_output``), so what vLLM, torch and Ray print in it never reaches the
+    driver's console.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, log_path: str | None = None) -> None:
+        if log_path is not None:
+            redirect_output(log_path)
+        self._log_path = log_path
         self._roles: dict[str, Any] = {}
 
     def node(self) -> tuple[str, str]:
@@ -39,6 +48,9 @@ class WorkerHost:
         os.environ.update(env)
         if "OMP_NUM_THREADS" in env:  # torch is already imported here: tell it directly
             torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+        if self._log_path is not None:  # the head of this rank's log file
+            rank, threads = env.get("RANK", "?"), torch.get_num_threads()
+            print(f"flowrl: rank {rank}, torch threads: {threads}", flush=True)
         for role, (cls, args, kwargs) in roles.items():
             self._roles[role] = self._run(role, cls.__name__, "__init__", cls, args, kwargs)
         return os.getpid()
@@ -62,3 +74,23 @@ class WorkerHost:
             raise WorkerError(
                 message, method=method, role=role, rank=rank_int, remote_type=type(e).__name__
             ) from None
+
+
+def redirect_output(path: str) -> None:
+    """Append this process's stdout and stderr to ``path`` from now on.
+
+    The redirection is of file descriptors 1 and 2 (``os.dup2``), not of ``sys.stdout``:
+    vLLM, torch and gloo also write from C and C++, which Python's streams never see.
+    A header line marks where each process's output starts (a resumed run appends).
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    finally:
+        os.close(fd)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    print(f"==== flowrl worker process {os.getpid()} started {started} ====", flush=True)

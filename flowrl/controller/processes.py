@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -51,6 +52,7 @@ class Processes:
         failure_grace_s: float,
         start_timeout_s: float,
         hang_timeout_s: float | None = None,
+        log_paths: list[str] | None = None,
     ) -> None:
         names = "+".join(cls.__name__ for cls, _, _ in roles.values())
         pool.claim(f"group {names}")
@@ -59,9 +61,10 @@ class Processes:
         self.failure_grace_s = failure_grace_s
         self.hang_timeout_s = hang_timeout_s or None  # 0 or None: no limit
         self.dead: str | None = None
+        self.log_paths = log_paths  # rank r's stdout and stderr go to log_paths[r]; None: to Ray
         host: Any = ray.remote(WorkerHost)
         self.actors: list[Any] = [
-            host.options(**pool.actor_options(i)).remote() for i in range(self.world_size)
+            host.options(**pool.actor_options(i)).remote(self.log_path(i)) for i in range(self.world_size)
         ]
         try:
             self.pids = self._start(
@@ -94,6 +97,9 @@ class Processes:
         pids = self.gather(self._submit_to("setup", calls), info)
         return [pids[rank] for rank in range(self.world_size)]
 
+    def log_path(self, rank: int) -> str | None:
+        return self.log_paths[rank] if self.log_paths is not None else None
+
     def _submit_to(self, host_method: str, calls: dict[int, Call]) -> dict[int, ray.ObjectRef]:
         return {r: getattr(self.actors[r], host_method).remote(*a, **k) for r, (a, k) in calls.items()}
 
@@ -124,7 +130,8 @@ class Processes:
             try:
                 results[rank] = ray.get(ready[0])
             except RayError as e:
-                raise self._fail(_as_worker_error(e, rank, self.world_size, info), pending) from None
+                error = _as_worker_error(e, rank, self.world_size, info, self.log_path(rank))
+                raise self._fail(error, pending) from None
         return results
 
     def _timed_out(
@@ -195,20 +202,33 @@ def _failed(ref: ray.ObjectRef) -> bool:
         return True
 
 
-def _as_worker_error(e: RayError, rank: int, world_size: int, info: CallInfo) -> WorkerError:
+def _as_worker_error(
+    e: RayError, rank: int, world_size: int, info: CallInfo, log_path: str | None = None
+) -> WorkerError:
     if isinstance(e, RayTaskError) and isinstance(e.cause, WorkerError):
         return e.cause  # raised by the worker host: it already names role, method, rank and traceback
+    logs = f"its output: {log_path}" if log_path else "see the Ray logs"
     if isinstance(e, RayActorError):
-        what = "its worker process died (a crash, os._exit or an out-of-memory kill; see the Ray logs)"
+        what = f"its worker process died (a crash, os._exit or an out-of-memory kill; {logs})"
     else:
         what = "Ray raised an error"
     return WorkerError(
-        f"{info.label} failed on rank {rank} of {world_size}: {what}:\n{e}",
+        f"{info.label} failed on rank {rank} of {world_size}: {what}:\n{e}{_log_tail(log_path)}",
         method=info.method,
         role=info.role,
         rank=rank,
         remote_type=type(e).__name__,
     )
+
+
+def _log_tail(path: str | None, lines: int = 20) -> str:
+    """The last ``lines`` lines of a worker's log file, as a block to append to a message."""
+    if not path or not os.path.isfile(path):
+        return ""
+    with open(path, errors="replace") as f:
+        tail = deque(f, maxlen=lines)
+    text = "".join(tail).rstrip()
+    return f"\n\nLast lines of {path}:\n{text}" if text else ""
 
 
 def _local_ranks(node_ids: list[str]) -> tuple[list[int], list[int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +20,11 @@ FORWARDED_NAMES = (
     "PYTORCH_CUDA_ALLOC_CONF",
     "CUDA_DEVICE_MAX_CONNECTIONS",
 )
+
+# ``ray.init`` options that keep Ray's start-up lines and the workers' output off the driver's
+# console (Ray's errors still show): for workers that write to their own files
+# (``WorkerGroup(log_path=...)``). ``init_ray(**QUIET)``.
+QUIET: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
 
 
 def package_root() -> str:
@@ -68,3 +74,8 @@ def init_ray(
         runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
         ray.init(address=address, runtime_env=runtime_env, **ray_kwargs)
     return dict(ray.cluster_resources())
+
+
+def node_cpus() -> list[float]:
+    """The CPUs of each alive node of the running cluster."""
+    return [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n["Alive"]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +34,10 @@ class WorkerGroup:
     Every ``@register``-ed method of the worker class becomes a method of the group:
     ``group.generate(batch)`` splits or broadcasts the arguments (the method's dispatch
     mode), runs the method on the ranks, and collects the results.
+
+    ``log_path`` (e.g. ``"run/logs/worker_{rank}.log"``, ``{rank}`` replaced by each rank)
+    sends each process's stdout and stderr to its own file instead of to Ray, which
+    forwards them to the driver's console; ``env`` adds variables to every process.
     """
 
     def __init__(
@@ -46,10 +51,12 @@ class WorkerGroup:
         failure_grace_s: float = 3.0,
         start_timeout_s: float = 300.0,
         hang_timeout_s: float | None = None,
+        log_path: str | None = None,
     ) -> None:
         spec = _role_spec(worker_cls.__name__, (worker_cls, args, dict(kwargs or {})))
+        logs = rank_log_paths(log_path, pool.num_bundles)
         procs = Processes(
-            pool, {worker_cls.__name__: spec}, env, failure_grace_s, start_timeout_s, hang_timeout_s
+            pool, {worker_cls.__name__: spec}, env, failure_grace_s, start_timeout_s, hang_timeout_s, logs
         )
         self._attach(procs, worker_cls.__name__, worker_cls)
 
@@ -63,6 +70,7 @@ class WorkerGroup:
         failure_grace_s: float = 3.0,
         start_timeout_s: float = 300.0,
         hang_timeout_s: float | None = None,
+        log_path: str | None = None,
     ) -> dict[str, WorkerGroup]:
         """Several roles in one process per bundle; returns one group view per role.
 
@@ -70,9 +78,11 @@ class WorkerGroup:
         in each process, an ``Actor`` and a ``Ref``; ``groups["actor"].generate(...)`` calls
         the actor role with its own dispatch modes. The roles share the process, its
         devices and its ``torch.distributed`` world; shutting one view down stops them all.
+        ``log_path`` and ``env`` are those of one group (see the class).
         """
         specs = {role: _role_spec(role, spec) for role, spec in roles.items()}
-        procs = Processes(pool, specs, env, failure_grace_s, start_timeout_s, hang_timeout_s)
+        logs = rank_log_paths(log_path, pool.num_bundles)
+        procs = Processes(pool, specs, env, failure_grace_s, start_timeout_s, hang_timeout_s, logs)
         views = {}
         for role, (worker_cls, _, _) in specs.items():
             view = cls.__new__(cls)
@@ -101,6 +111,12 @@ class WorkerGroup:
     def pids(self) -> list[int]:
         """Process id of each rank."""
         return list(self._procs.pids)
+
+    @property
+    def log_paths(self) -> list[str] | None:
+        """The file that holds each rank's stdout and stderr; None: where Ray puts them (its session
+        logs, forwarded to the driver's console unless ``ray.init(log_to_driver=False)``)."""
+        return None if self._procs.log_paths is None else list(self._procs.log_paths)
 
     def execute_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Call any method (registered or not) with the same arguments on every rank."""
@@ -181,6 +197,18 @@ class GroupMethod:
 
 def _value(arg: Any) -> Any:
     return arg.get() if isinstance(arg, DataFuture) else arg
+
+
+def rank_log_paths(pattern: str | None, world_size: int) -> list[str] | None:
+    """``pattern`` with ``{rank}`` replaced by each rank, as absolute paths (workers may not share
+    the driver's working directory)."""
+    if pattern is None:
+        return None
+    if "{rank}" not in pattern and world_size > 1:
+        raise ValueError(
+            f"log_path={pattern!r}: put {{rank}} in it, so that each of the {world_size} ranks has its file"
+        )
+    return [os.path.abspath(pattern.replace("{rank}", str(rank))) for rank in range(world_size)]
 
 
 def _role_spec(role: str, spec: RoleArg) -> RoleSpec:

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 OVERLONG_POLICIES = ("filter", "truncate_left", "error")
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: OmegaConf 2.3 makes a frozen dataclass a read-only node that recipes cannot set
 class PromptDataConfig:
     """Prompt length after the chat template, and what to do with longer prompts."""
 

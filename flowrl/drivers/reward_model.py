@@ -39,7 +39,7 @@ from flowrl.workers.reward_model import RewardModelTrainer
 Metrics = dict[str, float]
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: OmegaConf 2.3 makes a frozen dataclass a read-only node that recipes cannot set
 class RewardModelTrainConfig:
     """One reward-model training run; every default lives here."""
 

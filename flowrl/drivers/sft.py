@@ -43,7 +43,7 @@ from flowrl.workers.sft import SFTWorker
 Metrics = dict[str, float]
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: OmegaConf 2.3 makes a frozen dataclass a read-only node that recipes cannot set
 class SFTConfig:
     """One SFT run; every default lives here (the CLI and ``train_sft`` only override)."""
 

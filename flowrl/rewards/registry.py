@@ -38,7 +38,7 @@ REASONING_GYM_PREFIX = "reasoning_gym/"
 REASONING_GYM_FN = "flowrl.tasks.reasoning_gym:compute_score"
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: OmegaConf 2.3 makes a frozen dataclass a read-only node that recipes cannot set
 class RewardConfig:
     """Rule rewards: which function scores each data source, with what arguments and time limit."""
 

@@ -44,7 +44,7 @@ class Program(Protocol):
     def shutdown(self) -> None: ...
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: OmegaConf 2.3 makes a frozen dataclass a read-only node that recipes cannot set
 class LoopSettings:
     """The loop's settings for a program without an RL config (SFT, reward-model training)."""
 

@@ -9,15 +9,25 @@ The ``placement`` section of the run config decides it (docs/scaling.md):
 - ``separate``: roles (``critic``, ``reward_model``) that get ``separate_workers`` workers
   of their own instead of living in the actor's processes. Everything else (actor,
   rollout, reference) is colocated: one process per device holds all of them.
+- ``cpus_per_worker``: CPUs reserved per worker; ``None`` shares a node's CPUs among the
+  workers placed on it. Each worker runs that many torch threads (whole CPUs, at least 1),
+  unless the driver's environment sets ``OMP_NUM_THREADS``, which then wins.
+
+``trainer.worker_logs`` decides where the workers' own output goes: ``files`` (each process
+its ``RUN_DIR/logs/worker_<rank>.log``, nothing of it on the console) or ``console``.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 from collections.abc import Mapping
 
 from omegaconf import DictConfig
 
 from flowrl.controller import ResourcePool, WorkerGroup, init_ray
+from flowrl.controller.ray_init import QUIET, node_cpus
 from flowrl.controller.worker import Worker
 
 ROLE_OF = {"critic": "critic", "reward_model": "rm"}  # placement.separate name -> runtime role
@@ -29,17 +39,83 @@ def total_workers(cfg: DictConfig) -> int:
     return cfg.trainer.num_workers + p.separate_workers * len(p.separate)
 
 
+def workers_per_node(cfg: DictConfig) -> int:
+    """Workers on the busiest node: the actor's share of a node, plus every separate role's
+    workers (each such pool is packed onto one node, which may be the actor's)."""
+    p = cfg.placement
+    return cfg.trainer.num_workers // p.nnodes + p.separate_workers * len(p.separate)
+
+
+def announce(cfg: DictConfig, line: str) -> None:
+    """One start-up line of flowrl's own on the console (stderr), unless ``trainer.quiet``."""
+    if not cfg.trainer.quiet:
+        print(f"flowrl: {line}", file=sys.stderr, flush=True)
+
+
 def connect_ray(cfg: DictConfig) -> dict[str, float]:
-    """Join ``placement.ray_address``, or start a local cluster sized for the run; its resources."""
+    """Join ``placement.ray_address``, or start a local cluster sized for the run; its resources.
+
+    With ``trainer.worker_logs=files`` Ray keeps its own lines and the workers' output off
+    the console (``QUIET``)."""
     p, t = cfg.placement, cfg.trainer
-    return connect(p.ray_address, total_workers(cfg) if t.use_gpu else None)
+    announce(cfg, f"joining Ray at {p.ray_address} ..." if p.ray_address else "starting Ray ...")
+    return connect(p.ray_address, total_workers(cfg) if t.use_gpu else None, quiet=t.worker_logs == "files")
 
 
-def connect(ray_address: str | None, num_gpus: int | None) -> dict[str, float]:
+def connect(ray_address: str | None, num_gpus: int | None, quiet: bool = False) -> dict[str, float]:
     """Join the cluster at ``ray_address`` ("auto", "ip:port"), or start a local one with ``num_gpus``."""
+    options = QUIET if quiet else {}
     if ray_address:
-        return init_ray(address=ray_address)
-    return init_ray(num_gpus=num_gpus)
+        return init_ray(address=ray_address, **options)
+    return init_ray(num_gpus=num_gpus, **options)
+
+
+def share_of_node(node_cpus: list[float], workers: int, nnodes: int = 1) -> float:
+    """CPUs per worker when ``workers`` share a node: the CPUs of the ``nnodes``-th largest node
+    (so ``nnodes`` nodes have that many) divided by ``workers``, rounded down to 1e-4 (Ray's unit).
+
+    ``share_of_node([2.0], 2) == 1.0``; ``share_of_node([2.0], 3) == 0.6666``;
+    ``share_of_node([64.0, 8.0, 32.0], 4, nnodes=2) == 8.0``. No node with CPUs: 1.0 (the
+    pool's check then says what the cluster lacks).
+    """
+    sizes = sorted((c for c in node_cpus if c > 0), reverse=True)
+    if not sizes:
+        return 1.0
+    node = sizes[min(nnodes, len(sizes)) - 1]
+    return math.floor(node / max(workers, 1) * 1e4) / 1e4
+
+
+def cpus_per_worker(cfg: DictConfig) -> float:
+    """``placement.cpus_per_worker``, or (``null``) a node's CPUs shared by the workers on it,
+    from the running Ray cluster's resources."""
+    p = cfg.placement
+    if p.cpus_per_worker is not None:
+        return float(p.cpus_per_worker)
+    return share_of_node(node_cpus(), workers_per_node(cfg), p.nnodes)
+
+
+def worker_threads(cpus: float, environ: Mapping[str, str] = os.environ) -> tuple[int, str]:
+    """Torch (OpenMP) threads of a worker with ``cpus`` CPUs, and where the number comes from.
+
+    ``OMP_NUM_THREADS`` set in the driver's environment (``environ``) wins: the user asked for
+    it. Otherwise the worker's whole CPUs, at least 1 (what Ray itself would set).
+    """
+    given = environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) >= 1:
+        return int(given), "OMP_NUM_THREADS"
+    return max(1, math.floor(cpus)), "placement.cpus_per_worker"
+
+
+def log_pattern(cfg: DictConfig, name: str) -> str | None:
+    """``RUN_DIR/logs/<name>_{rank}.log`` with ``trainer.worker_logs=files``, else None."""
+    if cfg.trainer.worker_logs != "files":
+        return None
+    return os.path.join(cfg.trainer.run_dir, "logs", f"{name}_{{rank}}.log")
+
+
+def shown_log_files(pattern: str, n: int) -> str:
+    """``runs/x/logs/worker_{0..3}.log`` (shell brace syntax: ``tail -f`` takes it as it is)."""
+    return pattern.replace("{rank}", "0" if n == 1 else f"{{0..{n - 1}}}")
 
 
 def place_one_role(
@@ -64,15 +140,36 @@ def place_workers(cfg: DictConfig, roles: Mapping[str, type[Worker]]) -> dict[st
     p, t = cfg.placement, cfg.trainer
     separate = {ROLE_OF[name] for name in p.separate}
     shared = {role: cls for role, cls in roles.items() if role not in separate}
-    pool = ResourcePool(
-        t.num_workers, use_gpu=t.use_gpu, num_cpus_per_bundle=p.cpus_per_worker, nnodes=p.nnodes
-    )
-    groups = WorkerGroup.colocated(pool, shared, hang_timeout_s=t.hang_timeout_s)
+    cpus = cpus_per_worker(cfg)
+    options = {"hang_timeout_s": t.hang_timeout_s, "env": {"OMP_NUM_THREADS": str(worker_threads(cpus)[0])}}
+    announce_workers(cfg, list(shared), [role for role in roles if role in separate], cpus)
+    pool = ResourcePool(t.num_workers, use_gpu=t.use_gpu, num_cpus_per_bundle=cpus, nnodes=p.nnodes)
+    groups = WorkerGroup.colocated(pool, shared, log_path=log_pattern(cfg, "worker"), **options)
     for role, cls in roles.items():
         if role in separate:
-            own = ResourcePool(p.separate_workers, use_gpu=t.use_gpu, num_cpus_per_bundle=p.cpus_per_worker)
-            groups |= WorkerGroup.colocated(own, {role: cls}, hang_timeout_s=t.hang_timeout_s)
+            own = ResourcePool(p.separate_workers, use_gpu=t.use_gpu, num_cpus_per_bundle=cpus)
+            groups |= WorkerGroup.colocated(own, {role: cls}, log_path=log_pattern(cfg, role), **options)
     return groups
+
+
+def announce_workers(cfg: DictConfig, shared: list[str], separate: list[str], cpus: float) -> None:
+    """``starting 2 workers (actor, ref), 1 CPU thread each ...``, then where their output goes."""
+    p, t = cfg.placement, cfg.trainer
+    threads, source = worker_threads(cpus)
+    extra = "".join(f" + {plural(p.separate_workers, 'worker')} ({role})" for role in separate)
+    why = " (from OMP_NUM_THREADS)" if source == "OMP_NUM_THREADS" else ""
+    each = f"{plural(threads, 'CPU thread')} each{why}"
+    announce(cfg, f"starting {plural(t.num_workers, 'worker')} ({', '.join(shared)}){extra}, {each} ...")
+    pattern = log_pattern(cfg, "worker")
+    if pattern is None:
+        return
+    files = [shown_log_files(pattern, t.num_workers)]
+    files += [shown_log_files(log_pattern(cfg, role) or "", p.separate_workers) for role in separate]
+    announce(cfg, f"worker output: {' '.join(files)} (trainer.worker_logs=console shows it here)")
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def shutdown_groups(groups: Mapping[str, WorkerGroup]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ from flowrl.algos import get_estimator
 from flowrl.batch import Batch
 from flowrl.controller import WorkerGroup
 from flowrl.data import DataLoader, PromptDataset
-from flowrl.trainer.placement import connect_ray, place_workers, shutdown_groups
+from flowrl.trainer.placement import announce, connect_ray, place_workers, shutdown_groups
 from flowrl.trainer.preflight import check_run_inputs, load_inputs
 from flowrl.keys import Keys
 from flowrl.rewards import RewardRunner
@@ -84,7 +85,9 @@ def build_runtime(cfg: DictConfig) -> Runtime:
     t = cfg.trainer
     tokenizer = check_run_inputs(cfg)  # model folders, tokenizer, devices, resume target, data:
     tokenizer, loader, val = load_inputs(cfg, tokenizer)  # all before any worker starts
+    ray_started = time.monotonic()
     connect_ray(cfg)  # a local cluster, or the one placement.ray_address names
+    started = time.monotonic()
     roles: dict[str, Any] = {"actor": ActorRollout}
     if needs_reference(cfg):
         roles["ref"] = Reference
@@ -95,12 +98,14 @@ def build_runtime(cfg: DictConfig) -> Runtime:
     groups = place_workers(cfg, roles)  # colocated with the actor unless placement.separate says not
     for group in groups.values():
         group.init_model(cfg)  # the typed, read-only config as loaded
+    announce(cfg, f"workers ready in {time.monotonic() - started:.1f} s (Ray: {started - ray_started:.1f} s)")
 
     rewards = RewardRunner.from_config(OmegaConf.to_object(cfg.reward))
     os.makedirs(t.run_dir, exist_ok=True)
     OmegaConf.save(cfg, os.path.join(t.run_dir, "config.yaml"))
     with open(os.path.join(t.run_dir, "processes.json"), "w") as f:  # for operators (and fault tests)
-        json.dump({"driver": os.getpid(), "workers": groups["actor"].pids}, f)
+        actor = groups["actor"]
+        json.dump({"driver": os.getpid(), "workers": actor.pids, "logs": actor.log_paths}, f)
     tracker = Tracker(t.run_dir, list(t.loggers), OmegaConf.to_container(cfg, resolve=True), total_steps=t.total_steps, quiet=t.quiet)
     return Runtime(
         cfg=cfg,

@@ -66,6 +66,7 @@ def test_workers_span_both_nodes_and_step(cluster, tmp_path):
             "trainer.num_workers=2",
             f"placement.ray_address={cluster.address}",
             "placement.nnodes=2",
+            f"trainer.run_dir={tmp_path / 'run'}",  # the workers' log files go to its logs/
         ],
     )
     resources = connect_ray(cfg)

@@ -74,7 +74,21 @@ CONFIG_CASES = {
     "unknown_algorithm": (["trainer.algorithm=dpo"], "trainer.algorithm='dpo': known drivers are"),
     "keep_last_zero": (["trainer.keep_last=0"], "trainer.keep_last=0 must be >= 1"),
     "hang_timeout_negative": (["trainer.hang_timeout_s=-1"], "trainer.hang_timeout_s=-1.0 must be >= 0"),
+    "worker_logs_unknown": (["trainer.worker_logs=loud"], "trainer.worker_logs='loud' is not one of"),
+    "cpus_per_worker_zero": (["placement.cpus_per_worker=0"], "placement.cpus_per_worker=0.0 must be > 0"),
 }
+
+
+CONFIG_CASES.update({  # sizes, rates and loggers refused at load time (before: ZeroDivisionError or a late crash)
+    "mini_batch_zero": (["actor.mini_batch_size=0"], "actor.mini_batch_size=0 must be >= 1"),
+    "micro_batch_zero": (["actor.micro_batch_size=0"], "actor.micro_batch_size=0 must be >= 1"),
+    "train_batch_zero": (["data.train_batch_size=0"], "data.train_batch_size=0 must be >= 1"),
+    "negative_lr": (["actor.optim.lr=-1e-5"], "actor.optim.lr=-1e-05 must be > 0"),
+    "zero_response_length": (["rollout.max_response_length=0"], "rollout.max_response_length=0 must be >= 1"),
+    "unknown_logger": (["trainer.loggers=[console,nope]"], "trainer.loggers lists 'nope'; known: console"),
+    "logger_not_installed": (["trainer.loggers=[wandb]"], "the wandb package is not installed: pip install"),
+    "top_p_above_one": (["rollout.top_p=1.5"], "rollout.top_p=1.5 must be in (0, 1]"),
+})
 
 
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES))
@@ -83,11 +97,24 @@ def test_config_mistakes(case, files, tmp_path, capsys):
     assert expected in one_line_error(capsys, train(files, tmp_path, *overrides))
 
 
+
+def test_an_error_names_its_override_alone(files, tmp_path, capsys):
+    err = one_line_error(capsys, train(files, tmp_path, "trainer.total_stepz=3"))
+    assert "override trainer.total_stepz=3: " in err and "actor.model.path" not in err  # no override list
+
+
+def test_a_recipe_error_gives_the_yaml_line(files, tmp_path, capsys):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("trainer:\n  total_steps: 3\n  bogus: 1\n")
+    err = one_line_error(capsys, train(files, tmp_path, recipe=recipe))
+    assert f"recipe {recipe} line 3: trainer.bogus" in err
+
+
 def test_malformed_yaml(files, tmp_path, capsys):
     recipe = tmp_path / "broken.yaml"
     recipe.write_text("trainer:\n  total_steps: [1, 2\n")
     err = one_line_error(capsys, train(files, tmp_path, recipe=recipe))
-    assert f"recipe {recipe}: cannot read it" in err
+    assert f"recipe {recipe} line 2: cannot read it" in err  # the line where the open list starts
 
 
 def test_missing_recipe(files, tmp_path, capsys):

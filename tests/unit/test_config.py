@@ -51,5 +51,5 @@ def test_bad_files(tmp_path):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("actor: [\n")
-    with pytest.raises(ConfigError, match="bad.yaml: cannot read it"):
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+: cannot read it"):
         load_config(bad)
