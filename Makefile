@@ -1,7 +1,7 @@
 # The two commands of the README. Each installs what it needs into ./.venv first.
 PY := .venv/bin/python
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-lower-bounds bench clean
 
 install:
 	@bash scripts/install.sh
@@ -11,10 +11,14 @@ demo: install
 
 test: install
 	$(PY) scripts/check_rules.py
+	bash scripts/test_lower_bounds.sh
 	$(PY) -m pytest -q -ra tests
+
+test-lower-bounds:
+	bash scripts/test_lower_bounds.sh
 
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow" tests
 
 clean:
-	rm -rf .venv
+	rm -rf .venv .venv-lower-bounds
