@@ -258,7 +258,7 @@ class Checkpointer:
 
 def run_metadata(cfg: Any) -> dict[str, Any]:
     """What a resume must agree with, and what helps a reader identify the run."""
-    return {
+    meta = {
         "algorithm": cfg.trainer.algorithm,
         "num_workers": int(cfg.trainer.num_workers),
         "critic": bool(cfg.critic.enable),
@@ -267,6 +267,20 @@ def run_metadata(cfg: Any) -> dict[str, Any]:
         "total_steps": int(cfg.trainer.total_steps),
         "torch": torch.__version__,
     }
+    data = getattr(cfg, "data", None)  # RL runs: the data order a sampler state belongs to
+    if data is not None:
+        meta["train_files"] = [os.path.abspath(f) for f in data.train_files]
+        meta["train_batch_size"] = int(data.train_batch_size)
+        meta["shuffle"] = bool(data.shuffle)
+    return meta
+
+
+# meta key -> the config key a resume must keep (a later checkpoint format may add keys: missing ones pass)
+RESUME_MUST_MATCH = {
+    "algorithm": "trainer.algorithm", "num_workers": "trainer.num_workers", "critic": "critic.enable",
+    "seed": "trainer.seed", "train_files": "data.train_files", "train_batch_size": "data.train_batch_size",
+    "shuffle": "data.shuffle",
+}  # fmt: skip
 
 
 def check_compatible(state: Mapping[str, Any], cfg: Any, path: str, groups: set[str]) -> None:
@@ -274,9 +288,8 @@ def check_compatible(state: Mapping[str, Any], cfg: Any, path: str, groups: set[
     if state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {state.get('format')}, this flowrl reads {FORMAT_VERSION}")
     meta, now = state["meta"], run_metadata(cfg)
-    for key, config_key in (("algorithm", "trainer.algorithm"), ("num_workers", "trainer.num_workers"),
-                            ("critic", "critic.enable")):
-        if meta[key] != now[key]:
+    for key, config_key in RESUME_MUST_MATCH.items():
+        if key in meta and key in now and meta[key] != now[key]:
             raise CheckpointError(
                 f"{path}: written with {config_key}={meta[key]}, this run has {config_key}={now[key]}; "
                 f"resume with {config_key}={meta[key]} (or start a new run_dir)"

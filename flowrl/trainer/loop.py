@@ -91,6 +91,7 @@ def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics], state: dict[s
         finish,
         state,
         first_metrics=lambda: data_metrics(rt),
+        started=rt.record_run,
     )
 
 
@@ -101,19 +102,23 @@ def run_program(
     finish: Callable[[], None],
     state: dict[str, Stateful] | None = None,
     first_metrics: Callable[[], Metrics] = dict,
+    started: Callable[[], None] = lambda: None,
 ) -> Metrics:
     """The outer loop every program shares: evaluate, ``train_step`` per step, evaluate, log.
 
     Checkpoints, resume, the NaN/Inf guard and Ctrl-C/SIGTERM are handled here
     (docs/reliability.md). ``evaluate_fn(final)`` returns held-out metrics (``final``: the
     last evaluation, which may write samples); ``finish()`` writes the program's output
-    (a Hugging Face folder). Returns the metrics before (``*_before``, fresh runs only) and after.
+    (a Hugging Face folder); ``started()`` runs once the resume (if any) has been validated and
+    loaded, before the first step: the place to write files that describe the run. Returns the
+    metrics before (``*_before``, fresh runs only) and after.
     """
     t = rt.cfg.trainer
     ckpt, guard = Checkpointer(rt, state), BadStepGuard(t.max_bad_steps)
     try:
         with GracefulStop() as stop:
             start = ckpt.resume()
+            started()
             before = {} if start else {f"{k}_before": v for k, v in evaluate_fn(False).items()}
             if not start:
                 rt.tracker.log(0, before | first_metrics())

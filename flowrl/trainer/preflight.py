@@ -60,9 +60,29 @@ def check_model_folder(key: str, path: str) -> dict[str, Any]:
         raise InputError(f"{key}={path}: no config.json, so not a Hugging Face model folder; save one with save_pretrained")
     try:
         with open(config_file) as f:
-            return dict(json.load(f))
+            config = dict(json.load(f))
     except (OSError, ValueError) as e:
         raise InputError(f"{key}={path}: config.json is unreadable ({e}); re-save the model") from None
+    if not any(name.endswith(WEIGHT_SUFFIXES) for name in os.listdir(path)):
+        raise InputError(
+            f"{key}={path}: no weights (*.safetensors or pytorch_model*.bin) next to config.json; "
+            "save the model with save_pretrained"
+        )
+    return config
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+def check_run_dir(cfg: DictConfig) -> None:
+    """``trainer.run_dir`` can be created and written to (checked before anything is started)."""
+    path = os.path.abspath(cfg.trainer.run_dir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a folder" if not os.path.isdir(existing) else "is not writable"
+        raise InputError(f"trainer.run_dir={cfg.trainer.run_dir}: {existing} {what}; choose another run_dir")
 
 
 def check_tokenizer(path: str, model_config: dict[str, Any]) -> Any:
@@ -171,6 +191,7 @@ def check_run_inputs(cfg: DictConfig) -> Any:
     tokenizer = check_tokenizer(cfg.actor.model.path, configs["actor.model.path"])
     check_tensor_parallel(cfg, configs["actor.model.path"])
     check_devices(cfg)
+    check_run_dir(cfg)
     check_resume(cfg)
     return tokenizer
 

@@ -65,6 +65,14 @@ class Runtime:
             raise RuntimeError("the training data is exhausted; raise the sampler's num_epochs")
         return batch
 
+    def record_run(self) -> None:
+        """Write ``config.yaml`` and ``processes.json`` (for operators and fault tests) into the run
+        directory: called once a resume has been validated, so a failed attempt overwrites nothing."""
+        run_dir = self.cfg.trainer.run_dir
+        OmegaConf.save(self.cfg, os.path.join(run_dir, "config.yaml"))
+        with open(os.path.join(run_dir, "processes.json"), "w") as f:
+            json.dump({"driver": os.getpid(), "workers": self.actor.pids, "logs": self.actor.log_paths}, f)
+
     def shutdown(self) -> None:
         self.rewards.close()
         self.tracker.close()
@@ -102,10 +110,6 @@ def build_runtime(cfg: DictConfig) -> Runtime:
 
     rewards = RewardRunner.from_config(OmegaConf.to_object(cfg.reward))
     os.makedirs(t.run_dir, exist_ok=True)
-    OmegaConf.save(cfg, os.path.join(t.run_dir, "config.yaml"))
-    with open(os.path.join(t.run_dir, "processes.json"), "w") as f:  # for operators (and fault tests)
-        actor = groups["actor"]
-        json.dump({"driver": os.getpid(), "workers": actor.pids, "logs": actor.log_paths}, f)
     tracker = Tracker(t.run_dir, list(t.loggers), OmegaConf.to_container(cfg, resolve=True), total_steps=t.total_steps, quiet=t.quiet)
     return Runtime(
         cfg=cfg,

@@ -6,6 +6,7 @@ model folder; none of them may start Ray.
 """
 
 import json
+import os
 import shutil
 
 import pytest
@@ -253,6 +254,37 @@ def test_resume_auto_from_a_run_with_other_workers(files, tmp_path, capsys):
     err = one_line_error(capsys, train(files, tmp_path, "trainer.resume=auto"))
     assert "written with trainer.num_workers=1, this run has trainer.num_workers=2" in err
 
+
+def test_resume_into_a_run_with_other_data_is_refused_and_overwrites_nothing(files, tmp_path, capsys):
+    run = tmp_path / "run"
+    ck = run / "checkpoints" / "step_00000002"
+    ck.mkdir(parents=True)
+    meta = {"algorithm": "grpo", "num_workers": 2, "critic": False, "seed": 0, "train_files": ["/elsewhere.jsonl"]}
+    (ck / "driver.json").write_text(json.dumps({"format": 1, "step": 2, "meta": meta}))
+    (run / "config.yaml").write_text("the first run's config\n")
+    (run / "processes.json").write_text("{}\n")
+    err = one_line_error(capsys, train(files, tmp_path, "trainer.resume=auto"))
+    assert "written with data.train_files=['/elsewhere.jsonl']" in err and "resume with data.train_files=" in err
+    assert (run / "config.yaml").read_text() == "the first run's config\n"  # nothing overwritten
+    assert (run / "processes.json").read_text() == "{}\n"
+
+
+def test_model_folder_without_weights(files, tmp_path, capsys):
+    _, model, _ = files
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in os.listdir(model):
+        if not name.endswith(".safetensors"):
+            shutil.copy(model / name, bare / name)
+    err = one_line_error(capsys, train(files, tmp_path, f"actor.model.path={bare}"))
+    assert f"actor.model.path={bare}: no weights" in err and "save_pretrained" in err
+
+
+def test_unwritable_run_dir(files, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    err = one_line_error(capsys, train(files, tmp_path, f"trainer.run_dir={blocker / 'run'}"))
+    assert f"trainer.run_dir={blocker / 'run'}: {blocker} is not a folder" in err
 
 # ---- per-sample problems: skipped or fixed, and counted ---------------------------------------
 def _cfg(files, tmp_path, *overrides):

@@ -23,6 +23,9 @@ class FakeRuntime(SimpleNamespace):
     def begin_step(self, step):
         self.step = step
 
+    def record_run(self):
+        self.recorded = True
+
     def shutdown(self):
         self.tracker.close()
         self.closed = True
