@@ -148,6 +148,7 @@ class TrainerConfig:
     resume: str = "disable"  # disable | auto (newest checkpoint in run_dir, if any) | a checkpoint folder
     save_on_interrupt: bool = True  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
     max_bad_steps: int = 3  # stop after this many steps in a row with a NaN/Inf loss or gradient; 0: never
+    max_reward_failure_steps: int = 3  # stop after this many steps in a row whose every reward call failed; 0: never
     hang_timeout_s: float = 1800.0  # once one rank of a call returned, the others get this long; 0: no limit
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])  # + tensorboard, wandb
     quiet: bool = False  # no progress bar or console lines (metrics.jsonl and other sinks still written)
@@ -323,6 +324,11 @@ def validate(cfg: Any, where: str = "config") -> None:
     _check(t.keep_last >= 1, where, f"trainer.keep_last={t.keep_last} must be >= 1 (checkpoints kept)")
     _check(
         t.max_bad_steps >= 0, where, f"trainer.max_bad_steps={t.max_bad_steps} must be >= 0 (0: never stop)"
+    )
+    _check(
+        t.max_reward_failure_steps >= 0,
+        where,
+        f"trainer.max_reward_failure_steps={t.max_reward_failure_steps} must be >= 0 (0: never stop)",
     )
     _check(
         t.hang_timeout_s >= 0, where, f"trainer.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0: no limit)"

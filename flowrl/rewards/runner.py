@@ -146,6 +146,7 @@ def reward_metrics(scored: Batch) -> dict[str, float]:
         "reward/errors": float((status == RewardStatus.ERROR).sum()),
         "reward/timeouts": float((status == RewardStatus.TIMEOUT).sum()),
         "reward/invalid": float((status == RewardStatus.INVALID).sum()),
+        "reward/failed_frac": float((status != RewardStatus.OK).float().mean()) if len(scored) else 0.0,
         "reward/score_mean": float(scores.mean()) if len(scored) else 0.0,
     }
     if Keys.DATA_SOURCE in scored:

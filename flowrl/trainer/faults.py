@@ -31,6 +31,31 @@ class TrainingDiverged(RuntimeError):
     """Too many steps in a row had a NaN/Inf loss or gradient."""
 
 
+class RewardsFailing(TrainingDiverged):
+    """Every reward call failed in too many steps in a row: training on all-zero rewards is no training."""
+
+
+class RewardFailureGuard:
+    """Counts steps whose every reward call failed (``reward/failed_frac`` == 1); ``max_steps`` in
+    a row stop the run (0: never)."""
+
+    def __init__(self, max_steps: int) -> None:
+        self.max_steps = max_steps
+        self.in_a_row = 0
+
+    def count(self, metrics: Mapping[str, float]) -> None:
+        failed = metrics.get("reward/failed_frac", 0.0) >= 1.0
+        self.in_a_row = self.in_a_row + 1 if failed else 0
+
+    def check(self, step: int) -> None:
+        if self.max_steps > 0 and self.in_a_row >= self.max_steps:
+            raise RewardsFailing(
+                f"steps {step - self.in_a_row + 1}-{step}: every reward call failed, {self.in_a_row} steps in a row "
+                f"(trainer.max_reward_failure_steps={self.max_steps}); the reward function is broken: see the "
+                "'reward calls failed' warnings above and fix reward.function / reward.by_source"
+            )
+
+
 class RunInterrupted(RuntimeError):
     """The user stopped the run (Ctrl-C / SIGTERM) between two steps."""
 

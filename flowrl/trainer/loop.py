@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flowrl.keys import Keys
 from flowrl.trainer.checkpoint import Checkpointer, Stateful
-from flowrl.trainer.faults import BadStepGuard, GracefulStop, RunInterrupted
+from flowrl.trainer.faults import BadStepGuard, GracefulStop, RewardFailureGuard, RunInterrupted
 from flowrl.trainer.runtime import Runtime, build_runtime
 
 Metrics = dict[str, float]
@@ -53,6 +53,7 @@ class LoopSettings:
     resume: str = "disable"  # disable | auto (the newest checkpoint in OUT_DIR, if any) | a checkpoint folder
     save_on_interrupt: bool = True  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
     max_bad_steps: int = 3  # stop after this many steps in a row with a NaN/Inf loss; 0: never
+    max_reward_failure_steps: int = 0  # programs without rule rewards never stop for them
     eval_every: int = 0  # held-out evaluation every N steps; 0: before and after training only
     quiet: bool = False  # no console lines or progress bar
 
@@ -115,6 +116,7 @@ def run_program(
     """
     t = rt.cfg.trainer
     ckpt, guard = Checkpointer(rt, state), BadStepGuard(t.max_bad_steps)
+    rewards = RewardFailureGuard(t.max_reward_failure_steps)
     try:
         with GracefulStop() as stop:
             start = ckpt.resume()
@@ -125,10 +127,12 @@ def run_program(
             for step in range(start + 1, t.total_steps + 1):
                 rt.begin_step(step)
                 metrics = guard.count(train_step(rt))
+                rewards.count(metrics)
                 if t.eval_every and step % t.eval_every == 0 and step < t.total_steps:
                     metrics |= evaluate_fn(False)  # the last step's evaluation is the final one below
                 rt.tracker.log(step, metrics)
                 end_step(rt.cfg, step, ckpt, guard, stop)
+                rewards.check(step)
         after = evaluate_fn(True)
         rt.tracker.log(t.total_steps, after)
         finish()

@@ -14,7 +14,7 @@ from flowrl.trainer import loop
 from flowrl.trainer.checkpoint import find_latest, list_checkpoints
 from flowrl.config import load_config
 from flowrl.data.sampler import PromptSampler
-from flowrl.trainer.faults import RunInterrupted, TrainingDiverged
+from flowrl.trainer.faults import RewardsFailing, RunInterrupted, TrainingDiverged, run_training
 from flowrl.trainer.tracking import Tracker, read_metrics
 from tests.unit.test_checkpoint import FakeGroup
 
@@ -84,6 +84,20 @@ def test_checkpoints_every_n_and_resume_continues_without_duplicate_steps(tmp_pa
     assert built[1].actor.loaded.endswith("step_00000004/actor")
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 5]  # step 5 once, then the final evaluation row
     assert rows == full  # the fake step is deterministic, so every row is the same
+
+
+def test_a_run_whose_every_reward_call_fails_stops_with_a_clear_message(tmp_path, built):
+    broken_from = 2  # step 1 scores; from step 2 on every reward call fails
+
+    def train_step(rt):
+        return step_fn()(rt) | {"reward/failed_frac": 1.0 if rt.step >= broken_from else 0.25}
+
+    cfg = config(tmp_path, "trainer.max_reward_failure_steps=3", "trainer.total_steps=9")
+    with pytest.raises(RewardsFailing, match=r"steps 2-4: every reward call failed, 3 steps in a row"):
+        loop.run(cfg, train_step)
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1, 2, 3, 4] and built[0].closed
+    status = run_training(lambda c: loop.run(c, train_step), config(tmp_path / "again", "trainer.total_steps=9"), ValueError)
+    assert status == 1  # flowrl train exits non-zero (it used to train on all-zero rewards and exit 0)
 
 
 def test_nan_steps_are_counted_and_stop_the_run_after_max_in_a_row(tmp_path, built):
