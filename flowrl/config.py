@@ -149,7 +149,10 @@ class TrainerConfig:
     save_on_interrupt: bool = True  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
     max_bad_steps: int = 3  # stop after this many steps in a row with a NaN/Inf loss or gradient; 0: never
     max_reward_failure_steps: int = 3  # stop after this many steps in a row whose every reward call failed; 0: never
-    hang_timeout_s: float = 1800.0  # once one rank of a call returned, the others get this long; 0: no limit
+    # once one rank of a call returned, the others get this long; 0: no limit; null: 10 x the slowest
+    # step so far, at least 300 s (1800 s until the first step has ended)
+    hang_timeout_s: float | None = None
+    stop_grace_s: float = 120.0  # after Ctrl-C / SIGTERM the step under way gets this long to end and save
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])  # + tensorboard, wandb
     quiet: bool = False  # no progress bar or console lines (metrics.jsonl and other sinks still written)
     # files: each worker process's stdout/stderr (vLLM, torch, Ray) goes to RUN_DIR/logs/worker_<rank>.log
@@ -310,15 +313,9 @@ def _check_ranges(cfg: Any, where: str) -> None:
         )
 
 
-def validate(cfg: Any, where: str = "config") -> None:
-    """Checks that need more than one key; each failure names the keys and a fix."""
-    for key, choices in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        _check(value in choices, where, f"{key}={value!r} is not one of {', '.join(choices)}")
-    _check_ranges(cfg, where)
-    t, a, r = cfg.trainer, cfg.actor, cfg.rollout
+def _check_trainer(t: Any, where: str) -> None:
+    """The ``trainer`` section's bounds."""
     _check(t.num_workers >= 1, where, f"trainer.num_workers={t.num_workers} must be >= 1")
-    _check(r.n >= 1, where, f"rollout.n={r.n} must be >= 1")
     _check(t.total_steps >= 1, where, f"trainer.total_steps={t.total_steps} must be >= 1")
     _check(t.save_every >= -1, where, f"trainer.save_every={t.save_every} must be >= 0 (or -1: never save)")
     _check(t.keep_last >= 1, where, f"trainer.keep_last={t.keep_last} must be >= 1 (checkpoints kept)")
@@ -331,9 +328,25 @@ def validate(cfg: Any, where: str = "config") -> None:
         f"trainer.max_reward_failure_steps={t.max_reward_failure_steps} must be >= 0 (0: never stop)",
     )
     _check(
-        t.hang_timeout_s >= 0, where, f"trainer.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0: no limit)"
+        t.hang_timeout_s is None or t.hang_timeout_s >= 0,
+        where,
+        f"trainer.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0: no limit; null: from the step time)",
+    )
+    _check(
+        t.stop_grace_s >= 0, where, f"trainer.stop_grace_s={t.stop_grace_s} must be >= 0 (0: wait for the step)"
     )
     _check(bool(t.resume), where, "trainer.resume is empty: use disable, auto or a checkpoint folder")
+
+
+def validate(cfg: Any, where: str = "config") -> None:
+    """Checks that need more than one key; each failure names the keys and a fix."""
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        _check(value in choices, where, f"{key}={value!r} is not one of {', '.join(choices)}")
+    _check_ranges(cfg, where)
+    _check_trainer(cfg.trainer, where)
+    t, a, r = cfg.trainer, cfg.actor, cfg.rollout
+    _check(r.n >= 1, where, f"rollout.n={r.n} must be >= 1")
     rollout_size = cfg.data.train_batch_size * r.n
     _check(
         rollout_size % a.mini_batch_size == 0,

@@ -30,6 +30,9 @@ class CallInfo(NamedTuple):
         return f"{self.cls_name}.{self.method} (role {self.role!r})"
 
 
+POLL_S = 0.5  # longest a wait blocks the driver's Python code
+
+
 class Processes:
     """One Ray actor per bundle of a pool, each holding an instance of every role.
 
@@ -121,9 +124,12 @@ class Processes:
         while pending:
             limits = [t - time.monotonic() for t in (deadline, hang_deadline) if t is not None]
             left = max(0.0, min(limits)) if limits else None
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
-            if not ready:
+            # short waits, so the driver's signal handlers (Ctrl-C, a scheduler's SIGTERM) run promptly
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S if left is None else min(left, POLL_S))
+            if not ready and left is not None and left <= POLL_S:
                 raise self._timed_out(info, sorted(pending.values()), sorted(results), timeout, deadline)
+            if not ready:
+                continue
             if hang_deadline is None and self.hang_timeout_s is not None:
                 hang_deadline = time.monotonic() + self.hang_timeout_s
             rank = pending.pop(ready[0])

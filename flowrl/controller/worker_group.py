@@ -108,6 +108,15 @@ class WorkerGroup:
         return self._procs.pool
 
     @property
+    def hang_timeout_s(self) -> float | None:
+        """Once one rank of a call returned, how long the others get (None: no limit)."""
+        return self._procs.hang_timeout_s
+
+    @hang_timeout_s.setter
+    def hang_timeout_s(self, seconds: float | None) -> None:
+        self._procs.hang_timeout_s = seconds or None
+
+    @property
     def pids(self) -> list[int]:
         """Process id of each rank."""
         return list(self._procs.pids)

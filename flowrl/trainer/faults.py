@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import _thread
 import math
 import os
 import re
@@ -105,19 +106,30 @@ class BadStepGuard:
             )
 
 
+class StopTimedOut(KeyboardInterrupt):
+    """The step under way did not finish within the grace period after a stop signal."""
+
+
 class GracefulStop:
-    """``with GracefulStop() as stop:`` ... ``if stop.requested:`` save and leave.
+    """``with GracefulStop(grace_s) as stop:`` ... ``if stop.requested:`` save and leave.
 
     Installs handlers for SIGINT and SIGTERM in the main thread (elsewhere it does
-    nothing) and puts the previous ones back on exit.
+    nothing) and puts the previous ones back on exit. The first SIGINT/SIGTERM asks the
+    loop to stop after the step under way (which then saves); if that step has not ended
+    ``grace_s`` seconds later (a stuck rank, a long step), the main thread is interrupted
+    (``StopTimedOut``), so a scheduler's SIGTERM always ends the run promptly. A second
+    SIGINT or SIGTERM interrupts at once.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float = 120.0) -> None:
+        self.grace_s = grace_s
         self.requested = False
         self.save_requested = False  # SIGUSR1: checkpoint after this step and go on
         self._previous: dict[int, Any] = {}
+        self._timer: threading.Timer | None = None
+        self._timed_out = False
 
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
@@ -135,13 +147,33 @@ class GracefulStop:
             self.save_requested = True
             print("flowrl: SIGUSR1: saving a checkpoint after this step", file=sys.stderr, flush=True)
             return
-        if self.requested and signum == signal.SIGINT:
+        if self._timed_out:
+            raise StopTimedOut(f"the step did not end within {self.grace_s:g} s of the stop signal")
+        name = signal.Signals(signum).name
+        if self.requested:
+            print(f"flowrl: {name} again: stopping now", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
         self.requested = True
-        name = signal.Signals(signum).name
-        print(f"flowrl: {name}: stopping after this step (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+        print(
+            f"flowrl: {name}: stopping after this step, at most {self.grace_s:g} s from now "
+            "(Ctrl-C again to stop now)",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self.grace_s > 0:
+            self._timer = threading.Timer(self.grace_s, self._out_of_time)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _out_of_time(self) -> None:
+        print(f"flowrl: the step did not end within {self.grace_s:g} s of the stop signal; stopping now",
+              file=sys.stderr, flush=True)  # fmt: skip
+        self._timed_out = True
+        _thread.interrupt_main(signal.SIGINT)  # runs _handle in the main thread
 
     def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

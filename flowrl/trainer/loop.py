@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
@@ -54,6 +55,7 @@ class LoopSettings:
     save_on_interrupt: bool = True  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
     max_bad_steps: int = 3  # stop after this many steps in a row with a NaN/Inf loss; 0: never
     max_reward_failure_steps: int = 0  # programs without rule rewards never stop for them
+    stop_grace_s: float = 120.0  # after Ctrl-C / SIGTERM the step under way gets this long to end and save
     eval_every: int = 0  # held-out evaluation every N steps; 0: before and after training only
     quiet: bool = False  # no console lines or progress bar
 
@@ -84,10 +86,16 @@ def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics], state: dict[s
         if cfg.trainer.save_policy:
             rt.actor.save_hf(os.path.abspath(os.path.join(cfg.trainer.run_dir, "policy")))
 
+    def timed_step(rt: Runtime) -> Metrics:
+        start = time.monotonic()
+        metrics = train_step(rt)
+        rt.step_timed(time.monotonic() - start)
+        return metrics
+
     samples = os.path.join(cfg.trainer.run_dir, "val_samples.jsonl")
     return run_program(
         rt,
-        train_step,
+        timed_step,
         lambda final: evaluate(rt, samples_path=samples if final else None),
         finish,
         state,
@@ -118,7 +126,7 @@ def run_program(
     ckpt, guard = Checkpointer(rt, state), BadStepGuard(t.max_bad_steps)
     rewards = RewardFailureGuard(t.max_reward_failure_steps)
     try:
-        with GracefulStop() as stop:
+        with GracefulStop(t.stop_grace_s) as stop:
             start = ckpt.resume()
             started()
             before = {} if start else {f"{k}_before": v for k, v in evaluate_fn(False).items()}

@@ -52,6 +52,20 @@ def announce(cfg: DictConfig, line: str) -> None:
         print(f"flowrl: {line}", file=sys.stderr, flush=True)
 
 
+FIRST_STEP_HANG_S = 1800.0  # before any step has been timed (start-up, the first rollout)
+MIN_HANG_S = 300.0
+
+
+def first_hang_timeout(setting: float | None) -> float | None:
+    """The hang timeout a group starts with: the setting, or (null) the first-step allowance."""
+    return FIRST_STEP_HANG_S if setting is None else setting
+
+
+def hang_timeout_for(slowest_step_s: float) -> float:
+    """The automatic hang timeout once steps have been timed: 10 x the slowest, at least 300 s."""
+    return max(MIN_HANG_S, 10.0 * slowest_step_s)
+
+
 def connect_ray(cfg: DictConfig) -> dict[str, float]:
     """Join ``placement.ray_address``, or start a local cluster sized for the run; its resources.
 
@@ -141,7 +155,7 @@ def place_workers(cfg: DictConfig, roles: Mapping[str, type[Worker]]) -> dict[st
     separate = {ROLE_OF[name] for name in p.separate}
     shared = {role: cls for role, cls in roles.items() if role not in separate}
     cpus = cpus_per_worker(cfg)
-    options = {"hang_timeout_s": t.hang_timeout_s, "env": {"OMP_NUM_THREADS": str(worker_threads(cpus)[0])}}
+    options = {"hang_timeout_s": first_hang_timeout(t.hang_timeout_s), "env": {"OMP_NUM_THREADS": str(worker_threads(cpus)[0])}}
     announce_workers(cfg, list(shared), [role for role in roles if role in separate], cpus)
     pool = ResourcePool(t.num_workers, use_gpu=t.use_gpu, num_cpus_per_bundle=cpus, nnodes=p.nnodes)
     groups = WorkerGroup.colocated(pool, shared, log_path=log_pattern(cfg, "worker"), **options)

@@ -20,7 +20,7 @@ from flowrl.algos import get_estimator
 from flowrl.batch import Batch
 from flowrl.controller import WorkerGroup
 from flowrl.data import DataLoader, PromptDataset
-from flowrl.trainer.placement import announce, connect_ray, place_workers, shutdown_groups
+from flowrl.trainer.placement import announce, connect_ray, hang_timeout_for, place_workers, shutdown_groups
 from flowrl.trainer.preflight import check_run_inputs, load_inputs
 from flowrl.keys import Keys
 from flowrl.rewards import RewardRunner
@@ -46,6 +46,7 @@ class Runtime:
     groups: dict[str, WorkerGroup] = field(default_factory=dict)
     step: int = 0  # the training step under way (set by the loop); seeds its rollouts
     _rollouts_in_step: int = 0
+    _slowest_step_s: float = 0.0
 
     def begin_step(self, step: int) -> None:
         self.step, self._rollouts_in_step = step, 0
@@ -64,6 +65,13 @@ class Runtime:
         if batch is None:
             raise RuntimeError("the training data is exhausted; raise the sampler's num_epochs")
         return batch
+
+    def step_timed(self, seconds: float) -> None:
+        """With ``trainer.hang_timeout_s: null``, the groups' hang timeout follows the slowest step."""
+        self._slowest_step_s = max(self._slowest_step_s, seconds)
+        if self.cfg.trainer.hang_timeout_s is None:
+            for group in self.groups.values():
+                group.hang_timeout_s = hang_timeout_for(self._slowest_step_s)
 
     def record_run(self) -> None:
         """Write ``config.yaml`` and ``processes.json`` (for operators and fault tests) into the run

@@ -146,3 +146,26 @@ def test_reward_workers_ignore_a_terminal_ctrl_c():
         assert pool._workers[0].process.pid == pid and pool._workers[0].process.poll() is None
     finally:
         pool.close()
+
+
+def test_the_automatic_hang_timeout_follows_the_slowest_step():
+    from types import SimpleNamespace
+
+    from flowrl.config import load_config
+    from flowrl.trainer.placement import first_hang_timeout, hang_timeout_for
+    from flowrl.trainer.runtime import Runtime
+
+    base = ["actor.model.path=m", "data.train_files=[x.jsonl]"]
+    for setting, first, after in ((None, 1800.0, [300.0, 300.0, 450.0, 450.0]), (60.0, 60.0, [60.0] * 4)):
+        overrides = base + [f"trainer.hang_timeout_s={'null' if setting is None else setting}"]
+        cfg = load_config("recipes/grpo_arithmetic_tiny.yaml", overrides)
+        group = SimpleNamespace(hang_timeout_s=first_hang_timeout(cfg.trainer.hang_timeout_s))
+        rt = Runtime(cfg=cfg, actor=group, ref=None, critic=None, train_data=None, val_data=None, rewards=None,
+                     tracker=None, tokenizer=None, groups={"actor": group})  # fmt: skip
+        assert group.hang_timeout_s == first
+        seen = []
+        for seconds in (3.0, 20.0, 45.0, 10.0):  # the timeout follows the slowest step, never shrinks
+            rt.step_timed(seconds)
+            seen.append(group.hang_timeout_s)
+        assert seen == after
+    assert hang_timeout_for(0.5) == 300.0 and hang_timeout_for(100.0) == 1000.0

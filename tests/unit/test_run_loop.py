@@ -26,6 +26,9 @@ class FakeRuntime(SimpleNamespace):
     def record_run(self):
         self.recorded = True
 
+    def step_timed(self, seconds):
+        self.slowest = max(getattr(self, "slowest", 0.0), seconds)
+
     def shutdown(self):
         self.tracker.close()
         self.closed = True
