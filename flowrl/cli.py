@@ -130,7 +130,17 @@ def export(args: argparse.Namespace) -> int:
     from flowrl import export as ex
 
     try:
-        if ex.is_training_checkpoint(args.src):
+        if ex.is_step_folder(args.src):  # RUN_DIR/checkpoints/step_N: the policy, and the base it recorded
+            checkpoint, recorded = ex.step_folder_parts(args.src)
+            base = args.base or recorded
+            out = args.out or os.path.join(args.src, "hf")
+            if base is None or not ex.is_hf_folder(base):
+                raise UsageError(
+                    f"{args.src}: the run started from {recorded!r}, which is no Hugging Face folder here; "
+                    "give --base (the model folder the run started from)"
+                )
+            folder = ex.export_checkpoint(checkpoint, base, out)
+        elif ex.is_training_checkpoint(args.src):
             if args.base is None or args.out is None:
                 raise UsageError(
                     f"{args.src} is a training checkpoint: give --base (the model folder the run "
@@ -141,8 +151,8 @@ def export(args: argparse.Namespace) -> int:
             folder = ex.copy_hf_folder(args.src, args.out) if args.out else args.src
         else:
             raise UsageError(
-                f"{args.src}: neither a Hugging Face folder (config.json) nor a training checkpoint "
-                f"({ex.DCP_METADATA})"
+                f"{args.src}: neither a Hugging Face folder (config.json), a checkpoint step folder "
+                f"(driver.json + actor/) nor a training checkpoint ({ex.DCP_METADATA})"
             )
         print(ex.verify_hf_folder(folder).line())
     except (FileNotFoundError, ValueError) as e:
@@ -282,9 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="From a training checkpoint (with --base and --out) or a Hugging Face folder (copied "
         "with --out): write the folder and check that transformers loads it.",
     )
-    p.add_argument("src", help="a training checkpoint folder or a Hugging Face model folder")
-    p.add_argument("--base", help="checkpoints: the model folder training started from (config, tokenizer)")
-    p.add_argument("--out", help="the Hugging Face folder to write")
+    p.add_argument(
+        "src",
+        help="a run's checkpoint step folder (RUN_DIR/checkpoints/step_N), a training checkpoint folder "
+        "(with .metadata) or a Hugging Face model folder",
+    )
+    p.add_argument(
+        "--base",
+        help="checkpoints: the model folder training started from (config, tokenizer); a step folder "
+        "records it, so there it is optional",
+    )
+    p.add_argument("--out", help="the Hugging Face folder to write (a step folder: default STEP/hf)")
     p.set_defaults(run=export)
     add_eval_parser(sub)
     add_plot_parser(sub)

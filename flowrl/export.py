@@ -16,6 +16,7 @@ Policies only: a critic's checkpoint (value head) is not a causal LM.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import warnings
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from flowrl.engines.dcp_safety import check_dcp_metadata
 
 DCP_METADATA = ".metadata"  # the index torch.distributed.checkpoint writes next to the shards
 MODEL_PREFIX = "model"  # FSDPEngine.save stores {"model": ..., "optim": ..., "engine": ...}
@@ -34,6 +37,22 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
 
 def is_training_checkpoint(path: str | os.PathLike) -> bool:
     return Path(path, DCP_METADATA).is_file()
+
+
+STEP_STATE = "driver.json"  # a run's checkpoint step folder: driver state + actor/ (flowrl.trainer.checkpoint)
+
+
+def is_step_folder(path: str | os.PathLike) -> bool:
+    """A checkpoint step folder of a run (``RUN_DIR/checkpoints/step_N``): ``driver.json`` and ``actor/``."""
+    return Path(path, STEP_STATE).is_file() and is_training_checkpoint(Path(path, "actor"))
+
+
+def step_folder_parts(path: str | os.PathLike) -> tuple[str, str | None]:
+    """(the policy's DCP folder, the model folder the run started from as ``driver.json`` recorded it)."""
+    with open(Path(path, STEP_STATE)) as f:
+        state = json.load(f)
+    base = state.get("meta", {}).get("model")
+    return os.fspath(Path(path, "actor")), base
 
 
 @dataclass(frozen=True)
@@ -90,6 +109,7 @@ def export_checkpoint(
 
     if not is_training_checkpoint(checkpoint):
         raise FileNotFoundError(f"{checkpoint}: not a training checkpoint (no {DCP_METADATA} file)")
+    check_dcp_metadata(checkpoint)  # dcp reads .metadata with pickle: refuse a tampered one first
     if not is_hf_folder(base):
         raise FileNotFoundError(f"--base {base}: not a Hugging Face model folder (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

@@ -56,10 +56,11 @@ from torch.distributed.tensor import DTensor
 from flowrl.algos.aggregate import loss_counts, reduce_metric
 from flowrl.algos.rewards import last_token_index
 from flowrl.batch import Batch
+from flowrl.engines.base import LossFn, Metrics, Normalizer, run_device
+from flowrl.engines.dcp_safety import check_dcp_metadata
 from flowrl.engines.distributed import init_process_group
 from flowrl.engines.optim import OptimizerConfig, build_optimizer
 from flowrl.engines.sequences import entropy_from_logits, model_inputs, token_logprobs
-from flowrl.engines.base import LossFn, Metrics, Normalizer, run_device
 from flowrl.keys import Keys
 
 if TYPE_CHECKING:
@@ -509,7 +510,8 @@ class FSDPEngine:
         dcp.save(state, checkpoint_id=str(path))
 
     def load(self, path: str | Path) -> None:
-        """Restore what ``save`` wrote (same model and world size)."""
+        """Restore what ``save`` wrote (same model and world size); a tampered ``.metadata`` is refused."""
+        check_dcp_metadata(path)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         engine = self._engine_state()
         dcp.load({"model": model_sd, "optim": optim_sd, "engine": engine}, checkpoint_id=str(path))

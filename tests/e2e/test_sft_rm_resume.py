@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from flowrl.models.tiny import make_tiny_model
 from flowrl.tasks.arithmetic import write_splits
@@ -67,6 +69,12 @@ def test_sft_resumes_after_sigkill_with_the_uninterrupted_metrics(assets, tmp_pa
     assert stable(rows) == stable(ref_rows) and "train/loss" in rows[3]
     assert [c.step for c in list_checkpoints(run / "checkpoints")] == [4, 5]  # keep_last=2
     assert (run / "model" / "config.json").is_file()
+
+    # `flowrl export` of a step folder needs no --base: the checkpoint recorded the model it started from
+    step = run / "checkpoints" / "step_00000005"
+    assert finish(start(["export", str(step)], tmp_path / "export")) == 0
+    exported, final = load_file(str(step / "hf" / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
 
 
 def test_rm_resumes_after_sigkill_with_the_uninterrupted_metrics(assets, tmp_path):

@@ -211,3 +211,30 @@ def test_a_fresh_run_replaces_an_earlier_runs_checkpoint_of_the_same_step(tmp_pa
     ck.Checkpointer(new).save(1)
     loader = _runtime(tmp_path, "trainer.resume=auto")
     assert ck.Checkpointer(loader).resume() == 1 and loader.actor.weights == 1.0
+
+
+def _dcp_folder(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    model = torch.nn.Linear(4, 3)
+    folder = tmp_path / "dcp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save({"model": model.state_dict(), "engine": {"global_step": 3}}, checkpoint_id=str(folder))
+    return folder
+
+
+def test_dcp_metadata_of_a_real_checkpoint_passes_and_a_pickle_payload_is_refused(tmp_path, monkeypatch):
+    import pickle
+
+    from flowrl.engines.dcp_safety import UnsafeCheckpointError, check_dcp_metadata
+
+    folder = _dcp_folder(tmp_path)
+    check_dcp_metadata(folder)  # what torch.distributed.checkpoint writes is allowed
+    monkeypatch.chdir(tmp_path)
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload()))  # would run `touch PWNED` in pickle.load
+    with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: refused to load it: it asks to unpickle posix.system"):
+        check_dcp_metadata(folder)
+    assert not (tmp_path / "PWNED").exists()
