@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from flowrl.trainer.tracking import read_metrics
 
@@ -48,12 +49,32 @@ def series(rows: Sequence[dict[str, float]], key: str) -> tuple[list[float], lis
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:
-    """Mean of the last ``window`` values at each point (fewer at the start); NaNs skipped."""
+    """Mean of the last ``window`` values at each point; NaN until a whole window exists (a mean
+    of the first one or two points would swing as far as the raw curve); NaNs skipped."""
     out = []
     for i in range(len(values)):
-        recent = [v for v in values[max(0, i - window + 1) : i + 1] if math.isfinite(v)]
+        if i + 1 < window:
+            out.append(math.nan)
+            continue
+        recent = [v for v in values[i - window + 1 : i + 1] if math.isfinite(v)]
         out.append(sum(recent) / len(recent) if recent else math.nan)
     return out
+
+
+FLAT_SPAN = 1e-6  # a curve whose values differ by less than this (relative) is drawn as flat
+
+
+def y_limits(values: Sequence[float]) -> tuple[float, float] | None:
+    """Limits for a nearly constant curve, so rounding noise does not fill the panel; else None."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return None
+    low, high = min(finite), max(finite)
+    scale = max(abs(low), abs(high), 1e-12)
+    if high - low > FLAT_SPAN * scale:
+        return None
+    margin = 0.05 * scale if scale > 1e-12 else 1.0
+    return low - margin, high + margin
 
 
 def load_rows(run_dir: str) -> list[dict[str, float]]:
@@ -86,12 +107,32 @@ def plot_run(run_dir: str, out: str | None = None, keys: Sequence[str] | None = 
     return out, skipped
 
 
+def draw_panel(ax: Any, key: str, steps: Sequence[float], values: Sequence[float]) -> None:
+    """One metric's curve: faint raw values and their moving average when long, the plain axis
+    numbers (no offset notation), the whole [0, 1] scale for fractions."""
+    from matplotlib.ticker import MaxNLocator
+
+    long = len(values) >= SMOOTH_FROM
+    ax.plot(steps, values, color="tab:blue", alpha=0.35 if long else 1.0, lw=1.0, marker="" if long else "o", ms=3)
+    if long:
+        ax.plot(steps, moving_average(values, max(3, len(values) // 10)), color="tab:blue", lw=1.8)
+    if key.endswith(FRACTION_SUFFIXES):
+        ax.set_ylim(-0.03, 1.03)  # a fraction: the whole scale, so a small gain looks small
+    elif (limits := y_limits(values)) is not None:
+        ax.set_ylim(*limits)
+    ax.ticklabel_format(axis="y", useOffset=False)  # "+1.2e-3" above the axis made flat lines look like trends
+    ax.set_title(f"{key}  (last {values[-1]:.4g})", fontsize=10)
+    ax.set_xlabel("step", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+
+
 def draw(rows: Sequence[dict[str, float]], keys: Sequence[str], out: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     ncols = min(COLUMNS, len(keys))
     nrows = math.ceil(len(keys) / ncols)
@@ -99,19 +140,8 @@ def draw(rows: Sequence[dict[str, float]], keys: Sequence[str], out: str, title:
     first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
     pad = max(0.5, 0.02 * (last - first))  # one shared step range: panels line up
     for ax, key in zip(axes.flat, keys):
-        steps, values = series(rows, key)
-        long = len(values) >= SMOOTH_FROM
-        ax.plot(steps, values, color="tab:blue", alpha=0.35 if long else 1.0, lw=1.0, marker="" if long else "o", ms=3)
-        if long:
-            ax.plot(steps, moving_average(values, max(3, len(values) // 10)), color="tab:blue", lw=1.8)
-        if key.endswith(FRACTION_SUFFIXES):
-            ax.set_ylim(-0.03, 1.03)  # a fraction: the whole scale, so a small gain looks small
-        ax.set_title(f"{key}  (last {values[-1]:.4g})", fontsize=10)
-        ax.set_xlabel("step", fontsize=9)
+        draw_panel(ax, key, *series(rows, key))
         ax.set_xlim(first - pad, last + pad)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=12)

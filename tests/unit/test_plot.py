@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import pytest
 
 from flowrl.cli import main
-from flowrl.plot import PlotError, moving_average, plot_run, series
+from flowrl.plot import PlotError, draw_panel, moving_average, plot_run, series, y_limits
 
 
 def _write(run_dir, rows) -> None:
@@ -37,8 +38,27 @@ def test_series_puts_the_before_value_first():
 
 
 def test_moving_average_hand_computed():
-    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
-    assert moving_average([2.0, float("nan"), 4.0], 3) == [2.0, 2.0, 3.0]
+    first, *rest = moving_average([1.0, 3.0, 5.0, 7.0], 2)
+    assert math.isnan(first) and rest == [2.0, 4.0, 6.0]  # no half-window mean at the start
+    *start, last = moving_average([2.0, float("nan"), 4.0, 6.0], 3)
+    assert all(math.isnan(v) for v in start[:2]) and start[2] == 3.0 and last == 5.0
+
+
+def test_a_flat_curve_is_drawn_flat_without_offset_notation():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = [0.7 + 1e-9 * (i % 3) for i in range(30)]  # constant up to rounding noise
+    fig, ax = plt.subplots()
+    draw_panel(ax, "reward/mean", list(range(30)), values)
+    fig.canvas.draw()
+    low, high = ax.get_ylim()
+    assert low < 0.7 - 0.03 and high > 0.7 + 0.03  # the noise does not fill the panel
+    assert ax.yaxis.get_major_formatter().get_offset() == ""  # no "+7e-1" above the axis
+    assert y_limits([1.0, 2.0]) is None  # a real trend keeps matplotlib's limits
+    plt.close(fig)
 
 
 def test_rl_run_png_with_absent_keys_skipped(tmp_path):
