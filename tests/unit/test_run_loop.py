@@ -138,3 +138,18 @@ def test_sigusr1_saves_a_checkpoint_on_demand_and_training_goes_on(tmp_path, bui
     loop.run(config(tmp_path, "trainer.keep_last=5"), step_fn(signal_at=2))  # save_every=0: only the last
     assert [c.step for c in list_checkpoints(tmp_path / "checkpoints")] == [2, 5]
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1, 2, 3, 4, 5, 5]
+
+
+def test_the_last_step_is_evaluated_once_when_eval_every_divides_the_run(tmp_path):
+    cfg = config(tmp_path, "trainer.eval_every=2", "trainer.total_steps=4")
+    rt = fake_runtime(cfg)
+    calls = []
+
+    def evaluate(final):
+        calls.append(final)
+        return {"val/accuracy": float(len(calls))}
+
+    loop.run_program(rt, step_fn(), evaluate, finish=lambda: None)
+    rows = [(r["step"], r["val/accuracy"]) for r in read_metrics(str(tmp_path)) if "val/accuracy" in r]
+    assert calls == [False, False, True]  # before training, at step 2, and the final one (not also at step 4)
+    assert rows == [(2, 2.0), (4, 3.0)] and [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1, 2, 3, 4, 4]
