@@ -18,19 +18,19 @@ from omegaconf import DictConfig
 from flowrl.algos import aggregate, compute_policy_loss, entropy_loss, kl_loss
 from flowrl.algos.config import PolicyLossConfig
 from flowrl.batch import Batch
-from flowrl.engines.rng import load_rng, save_rng, worker_rng_path
 from flowrl.controller import Dispatch, DispatchInfo, Worker, register
 from flowrl.engines.base import Normalizer
 from flowrl.engines.memory import STAGE_PEAKS
 from flowrl.engines.sync import sync_weights
 from flowrl.engines.vllm_rollout import replica_info
 from flowrl.keys import Keys
+from flowrl.workers.checkpointing import ProcessRNG
 from flowrl.workers.engines import build_rollout, build_train_engine, worker_config
 
 Metrics = dict[str, float]
 
 
-class ActorRollout(Worker):
+class ActorRollout(ProcessRNG, Worker):
     """Hybrid worker: trains the policy with FSDP2 and samples from it with vLLM."""
 
     @register(Dispatch.ONE_TO_ALL)
@@ -164,12 +164,3 @@ class ActorRollout(Worker):
     def load(self, path: str) -> None:
         self.trainer.load(path)
         self.sync_weights()
-
-    @register(Dispatch.ONE_TO_ALL)
-    def save_rng_state(self, checkpoint: str) -> None:
-        """This process's torch/numpy/python RNG states (shared by its colocated roles)."""
-        save_rng(worker_rng_path(checkpoint, self.rank))
-
-    @register(Dispatch.ONE_TO_ALL)
-    def load_rng_state(self, checkpoint: str) -> None:
-        load_rng(worker_rng_path(checkpoint, self.rank))

@@ -1,4 +1,4 @@
-"""The checkpoint methods of a role that trains one engine (SFT, reward-model training)."""
+"""Checkpoint methods shared by the roles: an engine's state, and the process's RNG state."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ from flowrl.engines.rng import load_rng, save_rng, worker_rng_path
 
 
 class EngineCheckpoints:
-    """``save`` / ``load`` of ``self.engine`` (model, optimizer, schedule) and this process's RNG
-    state: what the loop's checkpointer calls on the group it names ``actor``."""
+    """``save`` / ``load`` of ``self.engine`` (model, optimizer, schedule)."""
 
     engine: Any
-    rank: int
 
     @register(Dispatch.ONE_TO_ALL)
     def save(self, path: str) -> None:
@@ -23,6 +21,14 @@ class EngineCheckpoints:
     @register(Dispatch.ONE_TO_ALL)
     def load(self, path: str) -> None:
         self.engine.load(path)
+
+
+
+class ProcessRNG:
+    """This process's RNG state (shared by its colocated roles): what the loop's checkpointer
+    saves through the group it names ``actor``."""
+
+    rank: int
 
     @register(Dispatch.ONE_TO_ALL)
     def save_rng_state(self, checkpoint: str) -> None:

@@ -12,12 +12,13 @@ from flowrl.batch import Batch
 from flowrl.controller import Dispatch, Worker, register
 from flowrl.engines.base import Normalizer
 from flowrl.keys import Keys
+from flowrl.workers.checkpointing import EngineCheckpoints
 from flowrl.workers.engines import build_train_engine, worker_config
 
 Metrics = dict[str, float]
 
 
-class Critic(Worker):
+class Critic(EngineCheckpoints, Worker):
     """V(s_t) for every response token (PPO with GAE)."""
 
     @register(Dispatch.ONE_TO_ALL)
@@ -49,11 +50,3 @@ class Critic(Worker):
         loss, metrics = value_loss(out[Keys.VALUES], micro[Keys.VALUES], micro[Keys.RETURNS], mask, c.cliprange_value)
         total = aggregate(loss, mask, c.loss_agg_mode, norm.global_tokens, norm.global_seqs)
         return total, {k: float(v) for k, v in metrics.items()}
-
-    @register(Dispatch.ONE_TO_ALL)
-    def save(self, path: str) -> None:
-        self.engine.save(path)
-
-    @register(Dispatch.ONE_TO_ALL)
-    def load(self, path: str) -> None:
-        self.engine.load(path)

@@ -21,7 +21,7 @@ from flowrl.controller import Dispatch, Worker, register
 from flowrl.engines.base import Normalizer
 from flowrl.engines.fsdp import FSDPEngine, FSDPEngineConfig
 from flowrl.keys import Keys
-from flowrl.workers.checkpointing import EngineCheckpoints
+from flowrl.workers.checkpointing import EngineCheckpoints, ProcessRNG
 from flowrl.workers.engines import build_train_engine, worker_config
 
 Metrics = dict[str, float]
@@ -80,7 +80,7 @@ def pair_loss(micro: Batch, out: dict[str, torch.Tensor], norm: Normalizer) -> t
     return loss.sum() / norm.global_seqs, {k: float(v) for k, v in metrics.items()}
 
 
-class RewardModelTrainer(EngineCheckpoints, Worker):
+class RewardModelTrainer(EngineCheckpoints, ProcessRNG, Worker):
     """Trains a reward model on preference pairs (``flowrl.drivers.reward_model`` drives it)."""
 
     @register(Dispatch.ONE_TO_ALL)

@@ -19,7 +19,7 @@ from flowrl.data.sft import eos_token_id
 from flowrl.engines.base import Metrics, Normalizer
 from flowrl.engines.fsdp import FSDPEngine, FSDPEngineConfig
 from flowrl.keys import Keys
-from flowrl.workers.checkpointing import EngineCheckpoints
+from flowrl.workers.checkpointing import EngineCheckpoints, ProcessRNG
 
 
 def sft_token_mean_loss(
@@ -31,7 +31,7 @@ def sft_token_mean_loss(
     return aggregate(nll, mask, "token-mean", global_tokens=norm.global_tokens), dict(metrics)
 
 
-class SFTWorker(EngineCheckpoints, Worker):
+class SFTWorker(EngineCheckpoints, ProcessRNG, Worker):
     """Supervised fine-tuning on one rank of a data-parallel group."""
 
     @register(Dispatch.ONE_TO_ALL)
