@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flowrl.algos.config import AdvantageConfig, KLControllerConfig, PolicyLossConfig
+from flowrl.algos.importance import MISMATCH_MODES
 from flowrl.algos.registry import ESTIMATORS, POLICY_LOSSES, check_estimator_inputs
 from flowrl.data.dataset import PromptDataConfig
 from flowrl.drivers.registry import DriverSpec, load_driver
@@ -268,6 +269,7 @@ _CHOICES = {
     "actor.optim.lr_schedule": ("constant", "cosine"),
     "critic.optim.lr_schedule": ("constant", "cosine"),
     "trainer.worker_logs": ("files", "console"),
+    "actor.policy_loss.mismatch": MISMATCH_MODES,
 }
 
 
@@ -374,13 +376,7 @@ def validate(cfg: Any, where: str = "config") -> None:
             f"{role}.micro_batch_size={section.micro_batch_size if section is not None else 0} must be >= 0 "
             "(0: actor.micro_batch_size)",
         )
-    pl = a.policy_loss
-    _check(pl.clip_low > 0 and pl.clip_high > 0, where, "actor.policy_loss.clip_low/clip_high must be > 0")
-    _check(
-        pl.dual_clip_c is None or pl.dual_clip_c > 1.0,
-        where,
-        f"actor.policy_loss.dual_clip_c={pl.dual_clip_c} must be > 1 (or null to disable)",
-    )
+    _check_policy_loss(a.policy_loss, where)
     _check(r.temperature > 0, where, f"rollout.temperature={r.temperature} must be > 0 for training")
     _check(
         bool(cfg.data.train_files), where, "data.train_files is empty: name at least one parquet/JSONL file"
@@ -406,6 +402,54 @@ def validate(cfg: Any, where: str = "config") -> None:
     _check_driver(cfg, where, spec)
     _check_registered(cfg, where)
     _check_estimator(cfg, where, spec)
+
+
+def _check_policy_loss(pl: Any, where: str) -> None:
+    """The loss's bounds and temperatures, and the mismatch correction's bands."""
+    key = "actor.policy_loss"
+    _check(pl.clip_low > 0 and pl.clip_high > 0, where, f"{key}.clip_low/clip_high must be > 0")
+    _check(
+        pl.dual_clip_c is None or pl.dual_clip_c > 1.0,
+        where,
+        f"{key}.dual_clip_c={pl.dual_clip_c} must be > 1 (or null to disable)",
+    )
+    _check(
+        0 < pl.gspo_clip_low < 1 and pl.gspo_clip_high > 0,
+        where,
+        f"{key}.gspo_clip_low={pl.gspo_clip_low} must be in (0, 1) "
+        f"and gspo_clip_high={pl.gspo_clip_high} > 0",
+    )
+    _check(
+        pl.cispo_clip_low is None or 0 < pl.cispo_clip_low <= 1,
+        where,
+        f"{key}.cispo_clip_low={pl.cispo_clip_low} must be in (0, 1] (or null: no lower bound)",
+    )
+    _check(pl.cispo_clip_high > 0, where, f"{key}.cispo_clip_high={pl.cispo_clip_high} must be > 0")
+    _check(
+        pl.sapo_tau_pos > 0 and pl.sapo_tau_neg > 0,
+        where,
+        f"{key}.sapo_tau_pos={pl.sapo_tau_pos} and sapo_tau_neg={pl.sapo_tau_neg} must be > 0",
+    )
+    _check(pl.tis_cap is None or pl.tis_cap > 0, where, f"{key}.tis_cap={pl.tis_cap} must be > 0 (or null)")
+    _check(
+        pl.mismatch != "tis" or pl.tis_cap is not None,
+        where,
+        f"{key}.mismatch=tis needs {key}.tis_cap (e.g. 2.0)",
+    )
+    for band in ("seq", "token"):
+        low, high = pl[f"mismatch_{band}_low"], pl[f"mismatch_{band}_high"]
+        _check(
+            0 < low <= 1 <= high,
+            where,
+            f"{key}.mismatch_{band}_low={low} / mismatch_{band}_high={high} must satisfy "
+            "0 < low <= 1 <= high (on-policy tokens, ratio 1, are never masked)",
+        )
+    _check(
+        pl.max_logprob_diff is None or pl.max_logprob_diff > 0,
+        where,
+        f"{key}.max_logprob_diff={pl.max_logprob_diff} must be > 0 "
+        "(or null: from rollout.dtype and actor.model.dtype)",
+    )
 
 
 def _check_placement(cfg: Any, where: str) -> None:

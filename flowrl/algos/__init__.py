@@ -1,12 +1,13 @@
 """Pure RL algorithm functions: tensors in, tensors out; no Ray, no models, no globals.
 
 advantages  estimators ``fn(batch, cfg) -> (advantages, returns)``, registered by name
-losses      policy / value / entropy / KL / SFT loss terms -> (loss [B, R], metrics)
+losses      policy (ppo_clip, pg, gspo, cispo, sapo) / value / entropy / KL / SFT loss terms
+            -> (loss [B, R], metrics)
 aggregate   the one reduction of a [B, R] loss to a scalar, with global counts;
             how metrics combine over micro-batches and ranks (mean, or max/min by name)
 kl          KL estimators and KL-coefficient controllers
 rewards     sequence scores -> token rewards (with the KL penalty)
-importance  sampler vs trainer log-probs: mismatch metrics, truncated IS
+importance  sampler vs trainer log-probs: mismatch metrics, TIS and sequence / token masking
 masked      masked sum / mean / var / whiten, exact for ties and NaN-safe
 preference  the Bradley–Terry pairwise loss of reward-model training
 registry    the estimator and policy-loss registries
@@ -23,15 +24,27 @@ from .advantages import (
 )
 from .aggregate import AGG_MODES, aggregate, loss_counts, metric_reduction, reduce_metric
 from .config import AdvantageConfig, KLControllerConfig, PolicyLossConfig
-from .importance import rollout_mismatch, tis_weights
+from .importance import (
+    MISMATCH_MODES,
+    expected_logprob_diff,
+    mismatch_mode,
+    mismatch_weights,
+    rollout_mismatch,
+    seq_mask_keep,
+    tis_weights,
+    token_mask_keep,
+)
 from .kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty, make_kl_controller
 from .losses import (
+    cispo_loss,
     compute_policy_loss,
     entropy_from_logits,
     entropy_loss,
+    gspo_loss,
     kl_loss,
     pg_loss,
     ppo_clip_loss,
+    sapo_loss,
     sft_loss,
     value_loss,
 )
@@ -55,6 +68,7 @@ __all__ = [
     "ESTIMATORS",
     "KEY_PROVIDERS",
     "KL_KINDS",
+    "MISMATCH_MODES",
     "POLICY_LOSSES",
     "AdaptiveKLController",
     "AdvantageConfig",
@@ -67,16 +81,19 @@ __all__ = [
     "bradley_terry_loss",
     "broadcast_to_tokens",
     "check_estimator_inputs",
+    "cispo_loss",
     "compute_advantages",
     "compute_policy_loss",
     "discounted_returns",
     "entropy_from_logits",
     "entropy_loss",
+    "expected_logprob_diff",
     "gae_advantages",
     "get_estimator",
     "get_policy_loss",
     "group_stats",
     "grpo_scores",
+    "gspo_loss",
     "kl_loss",
     "kl_penalty",
     "last_token_index",
@@ -87,6 +104,8 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "metric_reduction",
+    "mismatch_mode",
+    "mismatch_weights",
     "pair_accuracy",
     "pg_loss",
     "ppo_clip_loss",
@@ -95,8 +114,11 @@ __all__ = [
     "register_policy_loss",
     "rloo_scores",
     "rollout_mismatch",
+    "sapo_loss",
+    "seq_mask_keep",
     "sft_loss",
     "tis_weights",
+    "token_mask_keep",
     "token_scores",
     "value_loss",
     "zero_invalid",

@@ -26,11 +26,40 @@ class AdvantageConfig:
 class PolicyLossConfig:
     """Which policy loss and its knobs (see :mod:`flowrl.algos.losses`)."""
 
-    name: str = "ppo_clip"  # a name registered with @register_policy_loss
+    name: str = "ppo_clip"  # registered with @register_policy_loss: ppo_clip | pg | gspo | cispo | sapo
     clip_low: float = 0.2  # ratio lower bound is 1 - clip_low
     clip_high: float = 0.2  # ratio upper bound is 1 + clip_high (DAPO clip-higher: 0.28)
     dual_clip_c: float | None = None  # dual-clip constant c > 1 for negative advantages (e.g. 3.0)
-    tis_cap: float | None = None  # truncated importance sampling vs rollout log-probs (e.g. 2.0)
+    # gspo: the sequence ratio s_i is clipped to [1 - gspo_clip_low, 1 + gspo_clip_high]. The paper's
+    # values (GSPO, Zheng et al. 2025, section 5.1): a length-normalized ratio moves far less than a token's
+    gspo_clip_low: float = 3e-4
+    gspo_clip_high: float = 4e-4  # gspo: upper bound of s_i is 1 + gspo_clip_high (paper: 4e-4)
+    # cispo: the stop-gradient IS weight is clip(r, 1 - cispo_clip_low, 1 + cispo_clip_high); null: no
+    # lower bound, as in MiniMax-M1 (2025)
+    cispo_clip_low: float | None = None
+    # cispo: MiniMax-M1 tunes only this bound and does not print its value; 0.28 is DAPO's upper bound
+    cispo_clip_high: float = 0.28
+    sapo_tau_pos: float = 1.0  # sapo: gate temperature for A > 0 (SAPO, Gao et al. 2025: 1.0)
+    # sapo: gate temperature for A < 0; above tau_pos, negative-advantage tokens damp faster (paper: 1.05)
+    sapo_tau_neg: float = 1.05
+    # correction of the rollout-vs-trainer mismatch from the sampler's log-probs (flowrl.algos.importance):
+    # none | tis (loss x min(pi_old / mu, tis_cap)) | seq_mask (drop a sequence whose geometric-mean ratio
+    # leaves [mismatch_seq_low, mismatch_seq_high]) | token_mask (drop a token whose ratio leaves
+    # [mismatch_token_low, mismatch_token_high])
+    mismatch: str = "none"
+    # truncated importance sampling cap C vs rollout log-probs (e.g. 2.0); set alone it means mismatch=tis;
+    # with seq_mask / token_mask both apply
+    tis_cap: float | None = None
+    # seq_mask: lower end of the band of exp(mean_t(old_logp - rollout_logp)) (geometric-mean rejection,
+    # verl's preset after Liu, Li et al. 2025: 0.999 and 1.001)
+    mismatch_seq_low: float = 0.999
+    mismatch_seq_high: float = 1.001  # seq_mask: upper end of the geometric-mean band
+    mismatch_token_low: float = 0.5  # token_mask: lower end of the band of exp(old_logp - rollout_logp)
+    mismatch_token_high: float = 2.0  # token_mask: upper end of the per-token band (masked IS, C = 2)
+    # stop the run when the first rollout after a weight sync has mean |old_logprobs - rollout_logprobs| above
+    # this (stale or corrupt rollout weights). null: 1e-2 when rollout.dtype and actor.model.dtype are both
+    # float32, else 0.5, plus -log(top_p) with top_p < 1; none with top_k (importance.expected_logprob_diff)
+    max_logprob_diff: float | None = None
 
 
 @dataclass

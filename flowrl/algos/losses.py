@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .config import PolicyLossConfig
-from .importance import rollout_mismatch, tis_weights
+from .importance import mismatch_mode, mismatch_weights, rollout_mismatch
 from .kl import kl_penalty
 from .masked import masked_mean, masked_var, zero_invalid
 from .registry import get_policy_loss, register_policy_loss
@@ -103,6 +103,156 @@ def _pg(
     return pg_loss(logprobs, old_logprobs, advantages, mask)
 
 
+# ---- the 2025 policy losses: GSPO, CISPO, SAPO -----------------------------------------
+def gspo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+) -> LossAndMetrics:
+    """GSPO-token (Zheng et al. 2025, arXiv:2507.18071): one importance ratio per sequence.
+
+        s_i     = exp( (1/|y_i|) sum_t log(pi(y_i,t) / pi_old(y_i,t)) )      (length-normalized)
+        s_i,t   = sg[s_i] * pi(y_i,t) / sg[pi(y_i,t)]                         (value s_i)
+        L_i,t   = max(-A_i,t s_i,t, -A_i,t clip(s_i,t, 1 - clip_low, 1 + clip_high))
+
+    grad_logp(y_i,t) of -s_i,t A_i,t is -s_i A_i,t: every token of a sequence carries the same
+    ratio (so with one advantage per sequence the whole sequence is clipped or none of it),
+    and with A_i,t = A_i (GRPO) the gradient equals that of
+    the sequence-level GSPO objective under seq-mean-token-mean aggregation, the
+    paper's 1/G sum_i 1/|y_i| sum_t (set ``actor.loss_agg_mode: seq-mean-token-mean``).
+    The bounds are small (paper: 3e-4, 4e-4) because s_i is length-normalized.
+    Metrics: clipfrac (token fraction, and its _low/_high parts), ppo_kl = mean(old - new).
+    """
+    m = mask.to(logprobs.dtype)  # [B, R]
+    logprobs, old_logprobs, advantages = (zero_invalid(x, mask) for x in (logprobs, old_logprobs, advantages))
+    log_ratio = logprobs - old_logprobs  # [B, R]
+    seq_log_ratio = masked_mean(log_ratio.detach(), mask, dim=-1)  # [B], 0 for an empty row
+    seq_log_ratio = seq_log_ratio.clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
+    # value s_i, gradient s_i * grad logp_t: sg[s_i] * pi / sg[pi] in log space
+    ratio = torch.exp(seq_log_ratio[:, None] + logprobs - logprobs.detach())  # [B, R]
+    unclipped = -advantages * ratio  # [B, R]
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # [B, R]
+    loss = torch.maximum(unclipped, clipped)  # [B, R]
+    is_clipped = clipped > unclipped  # [B, R]
+    metrics = {
+        "clipfrac": masked_mean(is_clipped.to(m.dtype), m).detach(),
+        "clipfrac_high": masked_mean((is_clipped & (advantages > 0)).to(m.dtype), m).detach(),
+        "clipfrac_low": masked_mean((is_clipped & (advantages < 0)).to(m.dtype), m).detach(),
+        "ppo_kl": masked_mean(-log_ratio, m).detach(),
+    }
+    return loss * m, metrics
+
+
+def cispo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float | None = None,
+    clip_high: float = 0.28,
+) -> LossAndMetrics:
+    """CISPO (MiniMax-M1, 2025, arXiv:2506.13585): clip the IS weight, never the token's gradient.
+
+        r_t = exp(logp_t - old_logp_t),   w_t = clip(r_t, 1 - clip_low, 1 + clip_high)
+        L_t = -sg(w_t) A_t logp_t                  (no lower bound when clip_low is None)
+
+    The weight is a stop-gradient constant, so every token keeps the REINFORCE gradient
+    -w_t A_t grad logp_t, also where r_t is out of the band (PPO would drop it). The paper
+    normalizes by the batch's token count, 1 / sum_i |o_i| (``actor.loss_agg_mode: token-mean``).
+    The loss value is -w A logp, not a surrogate of the return: compare runs by reward.
+    Metrics: clipfrac (tokens whose weight was truncated), is_weight (mean w), ppo_kl.
+    """
+    m = mask.to(logprobs.dtype)  # [B, R]
+    logprobs, old_logprobs, advantages = (zero_invalid(x, mask) for x in (logprobs, old_logprobs, advantages))
+    log_ratio = logprobs - old_logprobs  # [B, R]
+    ratio = torch.exp(log_ratio.detach().clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT))  # [B, R], no gradient
+    low = 0.0 if clip_low is None else 1.0 - clip_low
+    weight = ratio.clamp(low, 1.0 + clip_high)  # [B, R]
+    loss = -weight * advantages * logprobs  # [B, R]
+    metrics = {
+        "clipfrac": masked_mean((weight != ratio).to(m.dtype), m),
+        "is_weight": masked_mean(weight, m),
+        "ppo_kl": masked_mean(-log_ratio, m).detach(),
+    }
+    return loss * m, metrics
+
+
+def sapo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+) -> LossAndMetrics:
+    """SAPO (Gao et al. 2025, arXiv:2511.20347): a soft, temperature-controlled gate instead of a clip.
+
+        r_t   = exp(logp_t - old_logp_t),   tau_t = tau_pos if A_t > 0 else tau_neg
+        f(r)  = sigmoid(tau_t (r - 1)) * 4 / tau_t
+        L_t   = -f(r_t) A_t
+
+    Read as: grad L_t = -w_t r_t A_t grad logp_t with w_t = 4 sigmoid(x)(1 - sigmoid(x)),
+    x = tau_t (r_t - 1): on-policy (r = 1) w = 1, the plain policy gradient; w decays
+    smoothly as r leaves 1, faster for larger tau (tau_neg > tau_pos damps negative-advantage
+    tokens more). The token ratio is used, so a few off-policy tokens are damped alone,
+    not their whole sequence as in GSPO. The objective averages 1/|y_i| per sequence
+    (``actor.loss_agg_mode: seq-mean-token-mean``). The loss value carries the constant
+    offset f(1) = 2 / tau per unit advantage. Metrics: gate_weight (mean w; 1 on-policy),
+    gate_weight_min, ppo_kl.
+    """
+    m = mask.to(logprobs.dtype)  # [B, R]
+    logprobs, old_logprobs, advantages = (zero_invalid(x, mask) for x in (logprobs, old_logprobs, advantages))
+    log_ratio = logprobs - old_logprobs  # [B, R]
+    ratio = torch.exp(log_ratio.clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT))  # [B, R]
+    tau = torch.where(advantages > 0, tau_pos, tau_neg).to(ratio.dtype)  # [B, R]
+    gate = torch.sigmoid(tau * (ratio - 1.0))  # [B, R]
+    loss = -gate * (4.0 / tau) * advantages  # [B, R]
+    weight = (4.0 * gate * (1.0 - gate)).detach()  # [B, R], the gradient's scale vs plain PG
+    lowest = torch.where(mask > 0, weight, torch.ones_like(weight))  # [B, R]
+    metrics = {
+        "gate_weight": masked_mean(weight, m),
+        "gate_weight_min": lowest.amin() if lowest.numel() else weight.new_ones(()),
+        "ppo_kl": masked_mean(-log_ratio, m).detach(),
+    }
+    return loss * m, metrics
+
+
+@register_policy_loss("gspo")
+def _gspo(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: PolicyLossConfig,
+) -> LossAndMetrics:
+    return gspo_loss(logprobs, old_logprobs, advantages, mask, cfg.gspo_clip_low, cfg.gspo_clip_high)
+
+
+@register_policy_loss("cispo")
+def _cispo(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: PolicyLossConfig,
+) -> LossAndMetrics:
+    return cispo_loss(logprobs, old_logprobs, advantages, mask, cfg.cispo_clip_low, cfg.cispo_clip_high)
+
+
+@register_policy_loss("sapo")
+def _sapo(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: PolicyLossConfig,
+) -> LossAndMetrics:
+    return sapo_loss(logprobs, old_logprobs, advantages, mask, cfg.sapo_tau_pos, cfg.sapo_tau_neg)
+
+
 def compute_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -111,20 +261,27 @@ def compute_policy_loss(
     cfg: PolicyLossConfig,
     rollout_logprobs: torch.Tensor | None = None,
 ) -> LossAndMetrics:
-    """The registered loss ``cfg.name``; with ``rollout_logprobs`` also mismatch metrics and,
-    when ``cfg.tis_cap`` is set, the loss times the TIS weights min(pi_old / mu, cap)."""
+    """The registered loss ``cfg.name``; with ``rollout_logprobs`` also the mismatch metrics and
+    the loss times the weights of the correction the config asks for (``cfg.mismatch``, or TIS
+    when ``cfg.tis_cap`` is set: see :func:`flowrl.algos.importance.mismatch_weights`).
+
+        L_t = w_t * loss_t,   w_t = min(pi_old / mu, C) (tis)  or  keep_t in {0, 1} (seq_mask, token_mask)
+    """
     loss, metrics = get_policy_loss(cfg.name)(logprobs, old_logprobs, advantages, mask, cfg)
     loss = zero_invalid(loss, mask)  # [B, R]; also for a user's registered loss
+    mode = mismatch_mode(cfg)
     if rollout_logprobs is None:
-        if cfg.tis_cap is not None:
-            raise ValueError("policy_loss.tis_cap is set but no rollout_logprobs were given; keep them")
+        if mode != "none":
+            raise ValueError(
+                f"policy_loss.mismatch={mode} (or tis_cap) is set but no rollout_logprobs were given; "
+                "keep them"
+            )
         return loss, metrics
     metrics.update(rollout_mismatch(old_logprobs, rollout_logprobs, mask))
-    if cfg.tis_cap is not None:
-        old, rollout = zero_invalid(old_logprobs, mask), zero_invalid(rollout_logprobs, mask)  # [B, R]
-        weights = tis_weights(old, rollout, cfg.tis_cap)  # [B, R], 1 where masked
+    if mode != "none":
+        weights, correction = mismatch_weights(old_logprobs, rollout_logprobs, mask, cfg)  # [B, R], detached
         loss = loss * weights
-        metrics["tis_weight"] = masked_mean(weights, mask)
+        metrics.update(correction)
     return loss, metrics
 
 

@@ -10,11 +10,13 @@ import torch
 from omegaconf import DictConfig
 
 from flowrl.algos import apply_kl_penalty, make_kl_controller, masked_mean, rollout_mismatch, token_scores
+from flowrl.algos.importance import expected_logprob_diff, mismatch_mode, mismatch_weights
 from flowrl.algos.kl import FixedKLController
 from flowrl.batch import Batch
 from flowrl.engines.memory import max_over_ranks
 from flowrl.keys import Keys
 from flowrl.rewards import reward_metrics
+from flowrl.trainer.faults import TrainingDiverged
 from flowrl.trainer.runtime import Runtime
 from flowrl.trainer.tracking import Timer, mean_metrics
 
@@ -25,7 +27,9 @@ def collect(rt: Runtime, timer: Timer, n: int) -> tuple[Batch, Metrics]:
     """The first half of every step: sample, score, and the log-probs the losses need.
 
     Returns a batch with the responses, ``SCORES``, ``OLD_LOGPROBS`` (+ ``REF_LOGPROBS``
-    with a reference, ``VALUES`` with a critic) and the reward metrics.
+    with a reference, ``VALUES`` with a critic) and the reward metrics. Every rollout comes
+    right after a weight sync, so its sampler-vs-trainer mismatch is checked here
+    (``check_rollout_mismatch``: a stale or corrupt rollout engine stops the run).
     """
     with timer("generate"):
         batch = rollout(rt, rt.next_prompts(), n=n)
@@ -33,6 +37,7 @@ def collect(rt: Runtime, timer: Timer, n: int) -> tuple[Batch, Metrics]:
         batch, metrics = score(rt, batch)
     with timer("old_logprobs"):
         batch = batch | rt.actor.compute_logprobs(batch)
+    metrics |= check_rollout_mismatch(rt.cfg, rt.step, batch)
     if rt.ref is not None:
         with timer("ref"):
             batch = batch | rt.ref.compute_ref_logprobs(batch)
@@ -40,6 +45,42 @@ def collect(rt: Runtime, timer: Timer, n: int) -> tuple[Batch, Metrics]:
         with timer("values"):
             batch = batch | rt.critic.compute_values(batch)
     return batch, metrics
+
+
+class RolloutWeightsMismatch(TrainingDiverged):
+    """The rollout engine's log-probs are far from the trainer's right after a weight sync:
+    its weights are stale or corrupt. ``flowrl train`` reports it as a diverged run (exit 1)."""
+
+
+def check_rollout_mismatch(cfg: DictConfig, step: int, batch: Batch) -> Metrics:
+    """Stop the run when mean |old_logprobs - rollout_logprobs| over valid tokens exceeds
+    ``actor.policy_loss.max_logprob_diff`` (null: ``expected_logprob_diff`` of the dtypes);
+    else the whole batch's figures of the configured correction (``rollout/masked_token_frac``, ...).
+
+    A batch without ``ROLLOUT_LOGPROBS`` (a backend that gives none) is not checked.
+    """
+    if Keys.ROLLOUT_LOGPROBS not in batch:
+        return {}
+    mask, old, rollout_lp = batch[Keys.RESPONSE_MASK], batch[Keys.OLD_LOGPROBS], batch[Keys.ROLLOUT_LOGPROBS]
+    diff = float(rollout_mismatch(old, rollout_lp, mask)["rollout_logprob_diff_mean"])
+    pl = cfg.actor.policy_loss
+    band = pl.max_logprob_diff
+    if band is None:
+        r = cfg.rollout
+        band = expected_logprob_diff(r.dtype, cfg.actor.model.dtype, r.top_p, r.top_k)
+    if not diff <= band:  # NaN fails too
+        raise RolloutWeightsMismatch(
+            f"step {step}: the rollout after the weight sync has mean |old_logprobs - rollout_logprobs| = "
+            f"{diff:.4g} per token, above the expected {band:g} (actor.policy_loss.max_logprob_diff; "
+            f"rollout.dtype={cfg.rollout.dtype}, actor.model.dtype={cfg.actor.model.dtype}): the rollout "
+            "engine's weights are stale or corrupt (a failed weight sync, mismatched tokenizer or sampling "
+            "settings); stopping"
+        )
+    if mismatch_mode(pl) == "none":
+        return {}
+    _, correction = mismatch_weights(old, rollout_lp, mask, pl)
+    keep = ("rollout_masked_token_frac", "rollout_masked_seq_frac", "tis_truncated_frac")
+    return {f"rollout/{k.removeprefix('rollout_')}": float(v) for k, v in correction.items() if k in keep}
 
 
 def learn(rt: Runtime, timer: Timer, batch: Batch, metrics: Metrics) -> Metrics:
