@@ -66,6 +66,7 @@ NOT_BATCH_KEYS: dict[tuple[str, str], str] = {
     ("flowrl/data/sft.py", "split_sft_row"): "the SFT row format",
     ("flowrl/tasks/arithmetic.py", "rl_row"): "the dataset row format it writes",
     ("flowrl/tasks/reasoning_gym.py", "make_rows"): "the dataset row format it writes",
+    ("flowrl/tasks/gsm8k.py", "make_row"): "the dataset row format it writes",
     ("flowrl/evaluation.py", "sample_records"): "the JSONL record format of evaluation samples",
     ("flowrl/algos/losses.py", "entropy_loss"): "the metric name 'entropy'",
 }
