@@ -35,7 +35,11 @@ def train(assets, run_dir, *overrides) -> tuple[int, list[str]]:
         f"data.val_files=[{splits['test']}]", f"trainer.run_dir={run_dir}", "data.val_max_samples=4",
         "trainer.total_steps=2", *overrides,
     ]  # fmt: skip
-    env = os.environ | {"PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    # vLLM at its default INFO level whatever an earlier in-process run left in os.environ
+    # (flowrl quickstart sets VLLM_LOGGING_LEVEL=WARNING for its own workers)
+    env = os.environ | {
+        "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "VLLM_LOGGING_LEVEL": "INFO",
+    }  # fmt: skip
     done = subprocess.run(
         args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
     )
