@@ -35,18 +35,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/perf.py
 STAGES = ("generate", "reward", "old_logprobs", "ref", "update", "weight_sync")
 
 
-def write_prompts(path: Path, rows: int, prompt_len: int, seed: int) -> str:
-    """Rows whose chat-templated prompt is exactly ``prompt_len`` tokens (the byte tokenizer)."""
+def write_prompts(path: Path, rows: int, prompt_len: int, seed: int, model: Path | None = None) -> str:
+    """Rows whose chat-templated prompt is exactly ``prompt_len`` tokens.
+
+    Counted with ``model``'s tokenizer when given, else the byte tokenizer the random
+    shapes are paired with.
+    """
     from flowrl.data.rows import write_rows
     from flowrl.models.tiny import make_tokenizer
 
-    tokenizer = make_tokenizer()
-    overhead = _template_tokens(tokenizer, "a") - 1
+    tokenizer = make_tokenizer() if model is None else _load_tokenizer(model)
     rng = random.Random(seed)
     out = []
     for i in range(rows):
-        content = "".join(rng.choices(string.ascii_lowercase, k=prompt_len - overhead))
-        assert _template_tokens(tokenizer, content) == prompt_len
+        content = _content_of_length(tokenizer, prompt_len, rng)
         out.append(
             {
                 "prompt": [{"role": "user", "content": content}],
@@ -56,6 +58,24 @@ def write_prompts(path: Path, rows: int, prompt_len: int, seed: int) -> str:
             }
         )
     return write_rows(str(path), out)
+
+
+def _load_tokenizer(model: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model))
+
+
+def _content_of_length(tokenizer, prompt_len: int, rng: random.Random) -> str:
+    """Random letters and digits whose chat-templated prompt is ``prompt_len`` tokens."""
+    content = ""
+    while _template_tokens(tokenizer, content) < prompt_len:
+        content += rng.choice(string.ascii_lowercase + string.digits + " ")
+    while len(content) and _template_tokens(tokenizer, content) > prompt_len:
+        content = content[:-1]
+    if _template_tokens(tokenizer, content) != prompt_len:
+        raise ValueError(f"could not build a prompt of exactly {prompt_len} tokens for this tokenizer")
+    return content
 
 
 def _template_tokens(tokenizer, content: str) -> int:
@@ -129,7 +149,7 @@ def summarize(
     tokens_per_s_gpu = med["perf/tokens_per_s"] / args.gpus
     return {
         "engine": "flowrl",
-        "shape": args.shape,
+        "shape": args.model or args.shape,
         "params": n_params,
         "gpus": args.gpus,
         "prompts": args.prompts,
@@ -154,11 +174,13 @@ def summarize(
     }
 
 
-def build_model(work: Path, shape: str, device: str) -> Path:
-    """A random model of a Qwen2.5 shape, or the tiny test model, in ``work/shape``."""
+def build_model(work: Path, shape: str, device: str, model: str = "") -> Path:
+    """``model`` when given, else a random model of a Qwen2.5 shape, or the tiny test model, in ``work/shape``."""
     from flowrl.models.shapes import make_random_model
     from flowrl.models.tiny import make_tiny_model
 
+    if model:
+        return Path(model)
     if shape != "tiny":
         return make_random_model(work / shape, shape, device=device)
     if not (work / shape / "config.json").exists():
@@ -169,6 +191,7 @@ def build_model(work: Path, shape: str, device: str) -> Path:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen2.5-0.5b", help="a Qwen2.5 shape, or 'tiny' (the test model)")
+    p.add_argument("--model", default="", help="a Hugging Face folder to use instead of --shape (e.g. SmolLM2)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "flowrl-bench"))
     p.add_argument("--out", default="", help="write the summary JSON here")
@@ -200,13 +223,15 @@ def main() -> None:
         else matmul_peak_flops(args.device, 8192 if cuda else 256)
     )
     work = Path(args.workdir)
-    model = build_model(work, args.shape, args.device)
+    model = build_model(work, args.shape, args.device, args.model)
+    tag = Path(args.model).name if args.model else args.shape
     if cuda:
         torch.cuda.empty_cache()  # the driver keeps no weights: the workers need the memory
     data = write_prompts(
-        work / f"prompts_{args.prompt_len}.parquet", args.prompts * args.steps, args.prompt_len, 0
+        work / f"prompts_{tag}_{args.prompt_len}.parquet", args.prompts * args.steps, args.prompt_len, 0,
+        model if args.model else None,
     )
-    rows = run_steps(args, model, data, work / f"run_{args.shape}")
+    rows = run_steps(args, model, data, work / f"run_{tag}")
     result = summarize(args, rows, peak, count_folder_parameters(model))
     print(json.dumps(result))
     if args.out:

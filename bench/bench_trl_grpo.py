@@ -10,6 +10,11 @@ prompts * n / micro_batch``, so TRL generates all completions once per step.
 TRL computes old log-probs too (its vLLM importance-sampling correction is on by default).
 
     python bench/bench_trl_grpo.py --model /tmp/flowrl-bench/qwen2.5-1.5b --out trl.json
+    python bench/bench_trl_grpo.py --device cpu --model SMOLLM2_DIR --data PROMPTS --prompts 8 --n 4 \
+        --prompt-len 64 --response-len 64 --micro-batch 8 --no-gradient-checkpointing   # CPU: fp32
+
+On CPU, TRL generates with transformers' ``generate`` (its default without vLLM;
+``min_new_tokens`` fixes the length) in fp32, and peak memory is the process's peak RSS.
 
 Needs ``trl`` (1.16 was used) and ``datasets``: ``pip install "flowrl[bench]"``.
 Reports the median step time after the
@@ -42,6 +47,11 @@ def zero_reward(completions: list, **_: object) -> list[float]:
     return [0.0] * len(completions)
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def make_timer_callback(times: list[float]):
     from transformers import TrainerCallback
 
@@ -49,11 +59,11 @@ def make_timer_callback(times: list[float]):
         """Wall-clock seconds of each optimizer step (generation included)."""
 
         def on_step_begin(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
+            synchronize()
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
+            synchronize()
             times.append(time.perf_counter() - self.start)
             print(f"trl step {len(times)}: {times[-1]:.2f} s", flush=True)
 
@@ -64,6 +74,8 @@ def trl_config(args: argparse.Namespace, out_dir: str):
     from trl import GRPOConfig
 
     completions = args.prompts * args.n
+    cuda = args.device == "cuda"
+    lengths = {"ignore_eos": True} if cuda else {"min_new_tokens": args.response_len}
     if completions % args.micro_batch:
         raise ValueError(
             f"--prompts * --n = {completions} must be divisible by --micro-batch={args.micro_batch}"
@@ -78,14 +90,15 @@ def trl_config(args: argparse.Namespace, out_dir: str):
         learning_rate=1e-6,
         lr_scheduler_type="constant",
         beta=args.beta,
-        bf16=True,
+        bf16=cuda,
+        use_cpu=not cuda,
         gradient_checkpointing=args.gradient_checkpointing,
-        use_vllm=True,
+        use_vllm=cuda,
         vllm_mode="colocate",
         vllm_gpu_memory_utilization=args.gpu_memory_utilization,
         vllm_enable_sleep_mode=True,
         vllm_max_model_length=args.prompt_len + args.response_len + 8,
-        generation_kwargs={"ignore_eos": True},
+        generation_kwargs=lengths,
         max_steps=args.steps,
         logging_steps=1,
         save_strategy="no",
@@ -95,8 +108,17 @@ def trl_config(args: argparse.Namespace, out_dir: str):
     )
 
 
+def peak_memory(device: str) -> dict[str, float]:
+    if device == "cuda":
+        return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
+    import resource
+
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--model", required=True, help="the model folder bench_grpo.py wrote")
     p.add_argument("--data", required=True, help="bench_grpo.py's prompt file (parquet)")
     p.add_argument("--out", default="")
@@ -136,7 +158,8 @@ def main() -> None:
     import trl
 
     result = {
-        "engine": f"trl {trl.__version__} GRPOTrainer (vllm_mode=colocate)",
+        "engine": f"trl {trl.__version__} GRPOTrainer "
+        + ("(vllm_mode=colocate)" if args.device == "cuda" else "(transformers generate, CPU)"),
         "model": args.model,
         "prompts": args.prompts,
         "n": args.n,
@@ -148,7 +171,7 @@ def main() -> None:
         "step_times_s": times,
         "step_s": step_s,
         "tokens_per_s_per_gpu": tokens / step_s,
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        **peak_memory(args.device),
     }
     print(json.dumps(result))
     if args.out:
