@@ -16,7 +16,13 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from flowrl.algos.config import AdvantageConfig, KLControllerConfig, PolicyLossConfig
+from flowrl.algos.config import (
+    AdvantageConfig,
+    DynamicSamplingConfig,
+    KLControllerConfig,
+    OverlongConfig,
+    PolicyLossConfig,
+)
 from flowrl.algos.importance import MISMATCH_MODES
 from flowrl.algos.registry import ESTIMATORS, POLICY_LOSSES, check_estimator_inputs
 from flowrl.data.dataset import PromptDataConfig
@@ -46,11 +52,19 @@ class ModelConfig:
     # their micro-batches instead of once per micro-batch; holds the whole model in `dtype`
     # on every rank while the pass runs. For FSDP across machines (docs/scaling.md)
     gather_once_for_inference: bool = False
+    # pack each micro-batch's sequences into one row with per-sequence position ids (no padding
+    # tokens; varlen flash attention on GPU, a block-diagonal mask otherwise); false: padded rows
+    packing: bool = True
+    # micro-batches of consecutive responses within this many real tokens per rank (prompt +
+    # response), split further so every rank runs as many forwards; 0: micro_batch_size rows
+    max_tokens_per_micro_batch: int = 0
+    # tokens per chunk of the LM head and log-softmax: [chunk, vocab] fp32 logits at a time (0: all)
+    logits_chunk_size: int = 1024
 
 
 @dataclass
 class ScoringModelConfig(ModelConfig):
-    """A forward-only model of a role of its own: the reference policy or a reward model."""
+    """A forward-only model of a role of its own: the reference policy, a reward model or a distillation teacher."""
 
     micro_batch_size: int = 0  # responses per forward on one rank; 0: actor.micro_batch_size
 
@@ -91,6 +105,9 @@ class ActorConfig:
     loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
     entropy_coef: float = 0.0  # weight of the entropy bonus in the actor loss
     log_entropy: bool = True  # log actor/entropy from the old-log-prob pass (a softmax over the vocabulary)
+    # one epoch of one mini-batch (and no in-reward KL): take the old log-probs, detached, from the
+    # update's own forward instead of a separate pass (the same values; one forward fewer per step)
+    fuse_old_logprobs: bool = True
     use_kl_loss: bool = False  # KL to the reference as a loss term (GRPO style)
     kl_loss_coef: float = 0.001  # weight of the KL loss term (with use_kl_loss)
     kl_loss_type: str = "k3"  # k1 | k2 | k3 | abs
@@ -111,11 +128,14 @@ class CriticConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """The advantage estimator and the KL penalty in the reward (InstructGPT style)."""
+    """The advantage estimator, the KL penalty in the reward (InstructGPT style), DAPO's sampling and shaping."""
 
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     use_kl_in_reward: bool = False  # subtract beta * KL(policy || reference) per token from the reward
     kl_ctrl: KLControllerConfig = field(default_factory=KLControllerConfig)
+    # DAPO: only groups whose scores vary, refilled with fresh prompts
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)  # DAPO: soft penalty for long responses
 
 
 @dataclass
@@ -134,7 +154,7 @@ class DataConfig:
 class TrainerConfig:
     """The run: size, placement, logging and checkpoints."""
 
-    algorithm: str = "grpo"  # the driver: ppo | grpo | remax | rloo | reinforce_pp, or a module path (my_pkg.my_algo)
+    algorithm: str = "grpo"  # the driver: ppo | grpo | remax | rloo | reinforce_pp | distill, or a module path (my_pkg.my_algo)
     # modules imported by the driver process and every worker before anything is built: they
     # register estimators, policy losses and engines under names a recipe can then use
     plugins: list[str] = field(default_factory=list)
@@ -168,14 +188,14 @@ class PlacementConfig:
 
     ray_address: str | None = None  # None: start a local Ray cluster; "auto": join the one `ray start` made
     nnodes: int = 1  # machines the actor's workers span: trainer.num_workers / nnodes on each
-    separate: list[str] = field(default_factory=list)  # roles on their own workers: critic, reward_model
+    separate: list[str] = field(default_factory=list)  # roles on their own workers: critic, reward_model, teacher
     separate_workers: int = 1  # workers (one GPU each on GPU) for each role in `separate`
     # CPUs reserved per worker (per GPU on GPU); its torch threads follow them. null: a node's CPUs
     # divided among the workers placed on it (at start, from the Ray cluster's resources)
     cpus_per_worker: float | None = None
 
 
-SEPARABLE_ROLES = ("critic", "reward_model")
+SEPARABLE_ROLES = ("critic", "reward_model", "teacher")
 
 
 @dataclass
@@ -191,6 +211,9 @@ class Config:
     # a learned reward model (a sequence classifier) that scores instead of the rule rewards
     reward_model: ScoringModelConfig | None = None
     placement: PlacementConfig = field(default_factory=PlacementConfig)  # machines and devices per role
+    # on-policy distillation (trainer.algorithm=distill): a frozen Hugging Face causal LM sharing the
+    # student's tokenizer, which scores every sampled token; colocated unless placement.separate lists it
+    teacher: ScoringModelConfig | None = None
 
 
 def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
@@ -368,7 +391,7 @@ def validate(cfg: Any, where: str = "config") -> None:
         f"actor.mini_batch_size / trainer.num_workers = {per_rank} is not divisible by "
         f"actor.micro_batch_size={a.micro_batch_size}",
     )
-    for role in ("reference", "reward_model"):
+    for role in ("reference", "reward_model", "teacher"):
         section = cfg[role]
         _check(
             section is None or section.micro_batch_size >= 0,
@@ -376,7 +399,14 @@ def validate(cfg: Any, where: str = "config") -> None:
             f"{role}.micro_batch_size={section.micro_batch_size if section is not None else 0} must be >= 0 "
             "(0: actor.micro_batch_size)",
         )
+    models = {"actor.model": a.model, "critic.model": cfg.critic.model}
+    models |= {"reference": cfg.reference, "reward_model": cfg.reward_model, "teacher": cfg.teacher}
+    for name, model in models.items():
+        for key in ("max_tokens_per_micro_batch", "logits_chunk_size"):
+            value = model[key] if model is not None else 0
+            _check(value >= 0, where, f"{name}.{key}={value} must be >= 0 (0: off)")
     _check_policy_loss(a.policy_loss, where)
+    _check_dapo_options(cfg, where)
     _check(r.temperature > 0, where, f"rollout.temperature={r.temperature} must be > 0 for training")
     _check(
         bool(cfg.data.train_files), where, "data.train_files is empty: name at least one parquet/JSONL file"
@@ -392,6 +422,11 @@ def validate(cfg: Any, where: str = "config") -> None:
         where,
         "reward_model is set but reward_model.path is not: name a *ForSequenceClassification folder "
         "(or leave reward_model out to score with the rule rewards)",
+    )
+    _check(
+        cfg.teacher is None or bool(cfg.teacher.path),
+        where,
+        "teacher is set but teacher.path is not: name a Hugging Face causal-LM folder with the student's tokenizer",
     )
     _check_placement(cfg, where)
     try:  # names below may come from the user's plugins: import them first
@@ -452,6 +487,23 @@ def _check_policy_loss(pl: Any, where: str) -> None:
     )
 
 
+def _check_dapo_options(cfg: Any, where: str) -> None:
+    """Dynamic sampling compares the samples of a prompt; the overlong buffer fits in the response."""
+    ds, ol, length = cfg.algorithm.dynamic_sampling, cfg.algorithm.overlong, cfg.rollout.max_response_length
+    _check(ds.max_rounds >= 1, where, f"algorithm.dynamic_sampling.max_rounds={ds.max_rounds} must be >= 1")
+    _check(
+        not ds.enable or cfg.rollout.n > 1,
+        where,
+        "algorithm.dynamic_sampling.enable=true drops groups whose scores are all equal: set rollout.n > 1",
+    )
+    _check(
+        not ol.enable or 1 <= ol.buffer <= length,
+        where,
+        f"algorithm.overlong.buffer={ol.buffer} must be in [1, rollout.max_response_length={length}]",
+    )
+    _check(ol.penalty_factor >= 0, where, f"algorithm.overlong.penalty_factor={ol.penalty_factor} must be >= 0")
+
+
 def _check_placement(cfg: Any, where: str) -> None:
     """Workers split evenly over machines, tensor-parallel replicas inside one machine."""
     p, n, tp = cfg.placement, cfg.trainer.num_workers, cfg.rollout.tensor_parallel_size
@@ -493,6 +545,7 @@ def _check_placement(cfg: Any, where: str) -> None:
         where,
         "placement.separate lists reward_model but no reward_model is configured",
     )
+    _check("teacher" not in p.separate or cfg.teacher is not None, where, "placement.separate lists teacher but no teacher is configured")
     m, mini, micro = p.separate_workers, cfg.actor.mini_batch_size, cfg.critic.micro_batch_size
     _check(m >= 1, where, f"placement.separate_workers={m} must be >= 1")
     _check(
@@ -521,6 +574,24 @@ def _check_driver(cfg: Any, where: str, spec: DriverSpec) -> None:
         spec.critic != "never" or not cfg.critic.enable,
         where,
         f"trainer.algorithm={algo!r} uses no critic: set critic.enable=false",
+    )
+    _check(
+        not spec.teacher or cfg.teacher is not None,
+        where,
+        f"trainer.algorithm={algo!r} distils a teacher: set teacher.path to a model folder with the student's tokenizer",
+    )
+    _check(
+        spec.teacher or cfg.teacher is None,
+        where,
+        f"teacher.path is set, but the {algo!r} driver uses no teacher: use trainer.algorithm=distill "
+        "(or leave teacher out)",
+    )
+    estimator = cfg.algorithm.advantage.estimator
+    _check(
+        not spec.teacher or estimator not in ESTIMATORS or Keys.TEACHER_LOGPROBS in ESTIMATORS.get(estimator).needs,
+        where,
+        f"trainer.algorithm={algo!r} distils a teacher, but algorithm.advantage.estimator={estimator!r} never reads "
+        "its log-probs: set algorithm.advantage.estimator=distill (or an estimator of yours that reads teacher_logprobs)",
     )
 
 
@@ -552,4 +623,18 @@ def _check_estimator(cfg: Any, where: str, spec: DriverSpec) -> None:
         name not in ("grpo", "rloo", "reinforce_pp_baseline") or cfg.rollout.n > 1,
         where,
         f"algorithm.advantage.estimator={name!r} compares samples of one prompt: set rollout.n > 1",
+    )
+    w = cfg.algorithm.advantage.distill_reward_weight
+    _check(
+        name != "distill" or w == 0.0 or cfg.rollout.n > 1,
+        where,
+        f"algorithm.advantage.distill_reward_weight={w} adds GRPO's advantage, which compares samples of one "
+        "prompt: set rollout.n > 1 (or the weight to 0)",
+    )
+    _check(
+        name != "distill" or w != 0.0 or not cfg.algorithm.dynamic_sampling.enable,
+        where,
+        "algorithm.dynamic_sampling.enable=true drops groups whose scores are all equal, but with "
+        "algorithm.advantage.estimator=distill and distill_reward_weight=0 every token carries the teacher's "
+        "signal whatever the score: turn dynamic sampling off (or set a weight > 0)",
     )

@@ -44,8 +44,89 @@ divide, GAE without a critic) stop the run before anything starts, with one line
 the key. The resolved configuration is saved as `RUN_DIR/config.yaml`; it is itself a
 recipe that reproduces the run. `flowrl train RECIPE.yaml [key=value ...] --print-config`
 prints it (validated, as YAML) and exits without starting anything. Groups whose default is `null` (`reference`,
-`reward_model`) are off until a recipe sets one of their keys.
+`reward_model`, `teacher`) are off until a recipe sets one of their keys.
 """
+
+
+# The algorithm menu: (the key and value that choose it, what it does in one line, the reference).
+# tests/unit/test_recipes_doc.py checks that every registered estimator and policy loss, every
+# mismatch mode, KL estimator and aggregation mode has a row.
+MENU: list[tuple[str, str, str]] = [
+    ("algorithm.advantage.estimator=gae", "generalized advantage estimation from a learned critic (PPO)",
+     "Schulman et al. 2016, arXiv:1506.02438"),
+    ("algorithm.advantage.estimator=grpo", "each response's score relative to its group's mean, divided by the group's std",
+     "Shao et al. 2024 (DeepSeekMath), arXiv:2402.03300"),
+    ("algorithm.advantage.norm_by_std=false", "grpo without the std division (Dr. GRPO)",
+     "Liu et al. 2025, arXiv:2503.20783"),
+    ("algorithm.advantage.estimator=rloo", "each response's score minus the mean of the other k-1 in its group",
+     "Ahmadian et al. 2024, arXiv:2402.14740"),
+    ("algorithm.advantage.estimator=remax", "the score minus that of the greedy response to the same prompt",
+     "Li et al. 2023, arXiv:2310.10505"),
+    ("algorithm.advantage.estimator=reinforce_pp", "KL-penalized token rewards to returns, whitened over the batch",
+     "Hu 2025 (REINFORCE++), arXiv:2501.03262"),
+    ("algorithm.advantage.estimator=reinforce_pp_baseline", "the group mean subtracted, then whitened over the batch",
+     "Hu 2025 (REINFORCE++), arXiv:2501.03262"),
+    ("algorithm.advantage.estimator=distill", "on-policy distillation (trainer.algorithm=distill, teacher.path): each sampled token's log pi_teacher - log pi_student",
+     "Agarwal et al. 2024 (GKD), arXiv:2306.13649; Qwen3, arXiv:2505.09388"),
+    ("algorithm.advantage.distill_reward_weight=0.5", "distill: plus this weight times grpo's advantage of the task reward",
+     "-"),
+    ("actor.policy_loss.name=ppo_clip", "clipped surrogate; clip_low / clip_high decouple the bounds (DAPO: 0.2 / 0.28)",
+     "Schulman et al. 2017, arXiv:1707.06347; Yu et al. 2025 (DAPO), arXiv:2503.14476"),
+    ("actor.policy_loss.dual_clip_c=3.0", "ppo_clip: the loss of a negative-advantage token is at most -c·A",
+     "Ye et al. 2020, arXiv:1912.09729"),
+    ("actor.policy_loss.name=pg", "unclipped importance-weighted policy gradient (REINFORCE on-policy)",
+     "Williams 1992"),
+    ("actor.policy_loss.name=gspo", "one length-normalized importance ratio per sequence, clipped as a whole",
+     "Zheng et al. 2025 (GSPO), arXiv:2507.18071"),
+    ("actor.policy_loss.name=cispo", "REINFORCE weighted by a clipped, stop-gradient importance weight; no token loses its gradient",
+     "MiniMax 2025 (MiniMax-M1), arXiv:2506.13585"),
+    ("actor.policy_loss.name=sapo", "a smooth sigmoid gate on the ratio in place of the hard clip",
+     "Gao et al. 2025 (SAPO), arXiv:2511.20347"),
+    ("actor.loss_agg_mode=token-mean", "the loss summed over tokens, divided by the step's token count",
+     "Yu et al. 2025 (DAPO), arXiv:2503.14476"),
+    ("actor.loss_agg_mode=seq-mean-token-mean", "each sequence's token mean, averaged over sequences",
+     "Shao et al. 2024, arXiv:2402.03300"),
+    ("actor.loss_agg_mode=seq-mean-token-sum", "each sequence's token sum, averaged over sequences",
+     "Liu et al. 2025 (Dr. GRPO), arXiv:2503.20783"),
+    ("actor.policy_loss.mismatch=none", "no correction of the sampler-vs-trainer mismatch (it is still measured)", "-"),
+    ("actor.policy_loss.mismatch=tis", "the loss times min(pi_old / mu, tis_cap) per token",
+     "Yao et al. 2025, *Your efficient RL framework secretly brings you off-policy RL training*"),
+    ("actor.policy_loss.mismatch=seq_mask", "drop a sequence whose geometric-mean pi_old / mu leaves a band",
+     "Liu, Li et al. 2025, *When Speed Kills Stability*"),
+    ("actor.policy_loss.mismatch=token_mask", "drop a token whose pi_old / mu leaves a band (masked IS)",
+     "Liu, Li et al. 2025, *When Speed Kills Stability*"),
+    ("algorithm.dynamic_sampling.enable=true", "groups whose scores are all equal replaced by fresh prompts, max_rounds at most",
+     "Yu et al. 2025 (DAPO), arXiv:2503.14476"),
+    ("algorithm.overlong.enable=true", "a penalty growing to -1 over the last `buffer` tokens before max_response_length",
+     "Yu et al. 2025 (DAPO), arXiv:2503.14476, eq. 13"),
+    ("actor.use_kl_loss=true", "KL to the reference as a loss term, weight kl_loss_coef (GRPO)",
+     "Shao et al. 2024, arXiv:2402.03300"),
+    ("algorithm.use_kl_in_reward=true", "beta * KL subtracted from each token's reward; kl_ctrl.kind=fixed or adaptive",
+     "Ziegler et al. 2019, arXiv:1909.08593"),
+    ("actor.kl_loss_type=k1", "KL estimate -log r, r = ref / pi: unbiased, can be negative (also algorithm.kl_ctrl.estimator)",
+     "Schulman 2020, *Approximating KL divergence*"),
+    ("actor.kl_loss_type=k2", "(log r)^2 / 2 (alias mse): biased, low variance, never negative",
+     "Schulman 2020, *Approximating KL divergence*"),
+    ("actor.kl_loss_type=k3", "r - 1 - log r (alias low_var_kl): unbiased, never negative; GRPO's",
+     "Schulman 2020, *Approximating KL divergence*"),
+    ("actor.kl_loss_type=abs", "the absolute value of log r", "-"),
+    ("actor.entropy_coef=0.001", "an entropy bonus in the actor loss", "Mnih et al. 2016, arXiv:1602.01783"),
+]  # fmt: skip
+
+
+def menu_section() -> str:
+    """## The algorithm menu: one row per choice, with its reference."""
+    lines = [
+        "## The algorithm menu",
+        "",
+        "Every algorithmic choice a recipe can make, one line each; docs/algorithms.md has the equations",
+        "of the 2025 losses, the rollout corrections, dynamic sampling and the overlong penalty.",
+        "",
+        "| choice | what it does | reference |",
+        "|---|---|---|",
+    ]
+    lines += [f"| `{choice}` | {what} | {ref} |" for choice, what, ref in MENU]
+    return "\n".join(lines) + "\n"
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -97,7 +178,10 @@ def yaml_value(value: Any) -> str:
 def rows(obj: Any, cls: type, prefix: str) -> Iterator[tuple[str, str, str, str]]:
     """(dotted key, type, default, meaning) of every leaf field of ``cls``; ``obj`` holds the defaults."""
     hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__):  # a subclass's fields keep the comments of the class that wrote them
+        if dataclasses.is_dataclass(base):
+            docs |= {k: v for k, v in field_docs(base).items() if v or k not in docs}
     for f in dataclasses.fields(cls):
         key, value = f"{prefix}.{f.name}", getattr(obj, f.name) if obj is not None else None
         nested = dataclass_of(hints[f.name])
@@ -174,7 +258,7 @@ def render(recipes_dir: str = RECIPES_DIR) -> str:
     hints = typing.get_type_hints(Config)
     comments = field_docs(Config)
     defaults = Config()
-    parts = [INTRO.format(command=COMMAND), recipes_section(recipes_dir)]
+    parts = [INTRO.format(command=COMMAND), recipes_section(recipes_dir), menu_section()]
     for f in dataclasses.fields(Config):
         parts.append(group_section(f.name, hints[f.name], getattr(defaults, f.name), comments.get(f.name, "")))
     return "\n".join(p for p in parts if p)

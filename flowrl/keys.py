@@ -17,6 +17,7 @@ class Keys:
     ROLLOUT_LOGPROBS = "rollout_logprobs"  # [B, R] float32, log-probs from the sampler (vLLM)
     OLD_LOGPROBS = "old_logprobs"  # [B, R] float32, trainer log-probs before the update
     REF_LOGPROBS = "ref_logprobs"  # [B, R] float32, reference-policy log-probs
+    TEACHER_LOGPROBS = "teacher_logprobs"  # [B, R] float32, distillation teacher's log-probs of the sampled tokens
     LOGPROBS = "logprobs"  # [B, R] float32, current-policy log-probs (inside the update)
     ENTROPY = "entropy"  # [B, R] float32, per-token entropy of the policy
     VALUES = "values"  # [B, R] float32, critic values V(s_t)

@@ -6,9 +6,10 @@ losses      policy (ppo_clip, pg, gspo, cispo, sapo) / value / entropy / KL / SF
 aggregate   the one reduction of a [B, R] loss to a scalar, with global counts;
             how metrics combine over micro-batches and ranks (mean, or max/min by name)
 kl          KL estimators and KL-coefficient controllers
-rewards     sequence scores -> token rewards (with the KL penalty)
+rewards     sequence scores -> token rewards (with the KL penalty); DAPO's overlong penalty
 importance  sampler vs trainer log-probs: mismatch metrics, TIS and sequence / token masking
 masked      masked sum / mean / var / whiten, exact for ties and NaN-safe
+distill     on-policy distillation: the teacher-minus-student log-prob advantage, its metrics
 preference  the Bradley–Terry pairwise loss of reward-model training
 registry    the estimator and policy-loss registries
 """
@@ -19,11 +20,19 @@ from .advantages import (
     discounted_returns,
     gae_advantages,
     group_stats,
+    informative_groups,
     grpo_scores,
     rloo_scores,
 )
 from .aggregate import AGG_MODES, aggregate, loss_counts, metric_reduction, reduce_metric
-from .config import AdvantageConfig, KLControllerConfig, PolicyLossConfig
+from .config import (
+    AdvantageConfig,
+    DynamicSamplingConfig,
+    KLControllerConfig,
+    OverlongConfig,
+    PolicyLossConfig,
+)
+from .distill import distill_advantages, distill_metrics
 from .importance import (
     MISMATCH_MODES,
     expected_logprob_diff,
@@ -61,7 +70,7 @@ from .registry import (
     register_estimator,
     register_policy_loss,
 )
-from .rewards import apply_kl_penalty, last_token_index, token_scores
+from .rewards import apply_kl_penalty, last_token_index, overlong_penalty, token_scores
 
 __all__ = [
     "AGG_MODES",
@@ -72,9 +81,11 @@ __all__ = [
     "POLICY_LOSSES",
     "AdaptiveKLController",
     "AdvantageConfig",
+    "DynamicSamplingConfig",
     "EstimatorSpec",
     "FixedKLController",
     "KLControllerConfig",
+    "OverlongConfig",
     "PolicyLossConfig",
     "aggregate",
     "apply_kl_penalty",
@@ -85,6 +96,8 @@ __all__ = [
     "compute_advantages",
     "compute_policy_loss",
     "discounted_returns",
+    "distill_advantages",
+    "distill_metrics",
     "entropy_from_logits",
     "entropy_loss",
     "expected_logprob_diff",
@@ -92,6 +105,7 @@ __all__ = [
     "get_estimator",
     "get_policy_loss",
     "group_stats",
+    "informative_groups",
     "grpo_scores",
     "gspo_loss",
     "kl_loss",
@@ -104,6 +118,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "metric_reduction",
+    "overlong_penalty",
     "mismatch_mode",
     "mismatch_weights",
     "pair_accuracy",

@@ -62,6 +62,22 @@ def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: f
     return returns
 
 
+def informative_groups(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Per sample: does its group's score vary?  [B], [B] -> [B] bool.
+
+    A group whose scores are all equal has advantage exactly 0 under every group baseline
+    (grpo, rloo): it carries no signal (DAPO's dynamic sampling drops it). The test is exact:
+    max == min over the group, no tolerance. A NaN score makes its group informative.
+    """
+    _, inverse = torch.unique(group_ids, return_inverse=True)  # [B] in 0..G-1
+    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    x = scores.double()  # [B]
+    start = torch.full((n_groups,), torch.inf, dtype=x.dtype)  # [G]
+    high = (-start).scatter_reduce(0, inverse, x, reduce="amax")  # [G]
+    low = start.scatter_reduce(0, inverse, x, reduce="amin")  # [G]
+    return ~(high == low)[inverse]  # [B]
+
+
 def _group_moments(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per-sample float64 (group mean, r_i - mean_g, unbiased group variance, group size) -> 4 x [B].
 

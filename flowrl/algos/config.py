@@ -20,6 +20,9 @@ class AdvantageConfig:
     whiten: bool = True  # gae: whiten advantages over the batch's valid tokens
     norm_by_std: bool = True  # grpo: divide by the group std (False = Dr. GRPO)
     eps: float = 1e-6  # added to the std before dividing (grpo)
+    # distill: weight w of GRPO's task-reward advantage added to the distillation advantage
+    # log pi_teacher - log pi_old of each token (0: pure distillation; > 0 needs rollout.n > 1)
+    distill_reward_weight: float = 0.0
 
 
 @dataclass
@@ -60,6 +63,29 @@ class PolicyLossConfig:
     # this (stale or corrupt rollout weights). null: 1e-2 when rollout.dtype and actor.model.dtype are both
     # float32, else 0.5, plus -log(top_p) with top_p < 1; none with top_k (importance.expected_logprob_diff)
     max_logprob_diff: float | None = None
+
+
+@dataclass
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling: drop groups whose scores are all equal, sample more prompts."""
+
+    # keep sampling prompts until the step holds data.train_batch_size groups whose scores are not all
+    # equal (DAPO, Yu et al. 2025, arXiv:2503.14476); needs rollout.n > 1
+    enable: bool = False
+    # rounds of data.train_batch_size prompts per step at most, the first included; when the last round
+    # leaves the step short, it trains on the informative groups it has (a warning says so)
+    max_rounds: int = 4
+
+
+@dataclass
+class OverlongConfig:
+    """DAPO's soft overlong punishment, added to each response's score (:func:`flowrl.algos.overlong_penalty`)."""
+
+    # add -penalty_factor * (|y| - (L_max - buffer)) / buffer to the score of a response longer than
+    # L_max - buffer, L_max = rollout.max_response_length (DAPO, Yu et al. 2025, eq. 13)
+    enable: bool = False
+    buffer: int = 16  # L_cache: the last tokens before rollout.max_response_length, where the penalty grows
+    penalty_factor: float = 1.0  # the penalty at (and beyond) rollout.max_response_length
 
 
 @dataclass

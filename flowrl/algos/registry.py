@@ -37,6 +37,8 @@ KEY_PROVIDERS: dict[str, str] = {
     Keys.VALUES: "a critic",
     Keys.OLD_VALUES: "a critic",
     Keys.REF_LOGPROBS: "a reference policy",
+    Keys.TEACHER_LOGPROBS: "a distillation teacher (trainer.algorithm=distill with teacher.path)",
+    Keys.OLD_LOGPROBS: "a driver that computes the old log-probs before the advantages (distill)",
     Keys.TOKEN_REWARDS: "the reward step (token_scores, then apply_kl_penalty)",
     Keys.SCORES: "a reward function or reward model",
     Keys.GROUP_IDS: "the rollout (several samples per prompt)",

@@ -55,3 +55,25 @@ def apply_kl_penalty(
         "kl_coef": torch.tensor(float(kl_coef)),
     }
     return rewards, metrics
+
+
+def overlong_penalty(
+    lengths: torch.Tensor, max_length: int, buffer: int, factor: float = 1.0
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv:2503.14476, eq. 13), per response [B].
+
+        R_length(y) = 0                                  |y| <= L_max - L_cache
+                    = ((L_max - L_cache) - |y|) / L_cache   L_max - L_cache < |y| <= L_max
+                    = -1                                 L_max < |y|
+
+    times ``factor``; ``lengths`` [B] are the response lengths |y| (valid tokens),
+    ``max_length`` is L_max, ``buffer`` is L_cache (1 <= L_cache <= L_max). The penalty is
+    added to the score, so a response cut at L_max gets -factor whatever its answer.
+    """
+    if not 1 <= buffer <= max_length:
+        raise ValueError(f"overlong_penalty: buffer={buffer} must be in [1, max_length={max_length}]")
+    length = lengths.double()  # [B]
+    expected = float(max_length - buffer)  # L_max - L_cache
+    ramp = ((expected - length) / buffer).clamp(max=0.0)  # [B] 0 up to L_max - L_cache, then linear
+    penalty = torch.where(length > max_length, torch.full_like(ramp, -1.0), ramp)  # [B]
+    return (factor * penalty).float()  # [B]

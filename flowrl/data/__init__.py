@@ -1,6 +1,6 @@
 """Datasets in the standard row format, deterministic resumable loaders, and collation into Batches."""
 
-from flowrl.data.dataset import PromptDataConfig, PromptDataset, PromptItem, collate_prompts
+from flowrl.data.dataset import PromptDataConfig, PromptDataset, PromptItem, collate_prompts, concat_prompt_batches
 from flowrl.data.padding import left_pad, right_pad
 from flowrl.data.rows import RowError, read_rows, write_rows
 from flowrl.data.sampler import DataLoader, PromptSampler
@@ -19,6 +19,7 @@ __all__ = [
     "collate_pairs",
     "collate_prompts",
     "collate_sft",
+    "concat_prompt_batches",
     "left_pad",
     "read_rows",
     "right_pad",

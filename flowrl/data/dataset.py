@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from flowrl.batch import Batch
 from flowrl.data.padding import left_pad
 from flowrl.data.rows import RowRef, check_prompt_row, read_files
@@ -169,3 +171,18 @@ def collate_prompts(items: Sequence[PromptItem], pad_id: int) -> Batch:
             Keys.EXTRA_INFO: [it.extra_info for it in items],
         },
     )
+
+
+def concat_prompt_batches(batches: Sequence[Batch], pad_id: int) -> Batch:
+    """Concatenate batches whose prompts were collated apart: ``PROMPT_IDS`` / ``PROMPT_MASK``
+    [b, P_i] are left-padded to the widest P first (pad id, mask 0); every other field as is."""
+    width = max(b[Keys.PROMPT_IDS].shape[1] for b in batches)
+    widened = []
+    for b in batches:
+        pad = width - b[Keys.PROMPT_IDS].shape[1]
+        if pad:
+            b = b.clone()
+            b[Keys.PROMPT_IDS] = torch.nn.functional.pad(b[Keys.PROMPT_IDS], (pad, 0), value=pad_id)  # [b, P]
+            b[Keys.PROMPT_MASK] = torch.nn.functional.pad(b[Keys.PROMPT_MASK], (pad, 0), value=0)  # [b, P]
+        widened.append(b)
+    return Batch.concat(widened)

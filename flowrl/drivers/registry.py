@@ -23,6 +23,7 @@ BUILTIN_DRIVERS: dict[str, str] = {
     "remax": "flowrl.drivers.remax",
     "rloo": "flowrl.drivers.rloo",
     "reinforce_pp": "flowrl.drivers.reinforce_pp",
+    "distill": "flowrl.drivers.distill",
 }
 CRITIC_NEEDS = ("optional", "required", "never")
 
@@ -34,6 +35,7 @@ class DriverSpec:
     critic: str = "optional"  # required: refuses critic.enable=false; never: refuses critic.enable=true
     kl_in_reward: bool = False  # applies algorithm.use_kl_in_reward (else the option is refused)
     provides: tuple[str, ...] = ()  # batch keys the driver adds before the advantage estimator runs
+    teacher: bool = False  # scores samples with a teacher (teacher.path required); else a teacher is refused
 
     def __post_init__(self) -> None:
         if self.critic not in CRITIC_NEEDS:

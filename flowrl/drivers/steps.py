@@ -6,19 +6,33 @@ their driver (ReMax's greedy baseline lives in ``flowrl/drivers/remax.py``).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 from omegaconf import DictConfig
 
-from flowrl.algos import apply_kl_penalty, make_kl_controller, masked_mean, rollout_mismatch, token_scores
+from flowrl.algos import (
+    apply_kl_penalty,
+    informative_groups,
+    make_kl_controller,
+    masked_mean,
+    overlong_penalty,
+    rollout_mismatch,
+    token_scores,
+)
 from flowrl.algos.importance import expected_logprob_diff, mismatch_mode, mismatch_weights
 from flowrl.algos.kl import FixedKLController
 from flowrl.batch import Batch
+from flowrl.data import concat_prompt_batches
 from flowrl.engines.memory import max_over_ranks
 from flowrl.keys import Keys
 from flowrl.rewards import reward_metrics
 from flowrl.trainer.faults import TrainingDiverged
+from flowrl.trainer.placement import announce
 from flowrl.trainer.runtime import Runtime
 from flowrl.trainer.tracking import Timer, mean_metrics
+from flowrl.workers.actor_rollout import old_logprobs_from_update
 
 Metrics = dict[str, float]
 
@@ -27,17 +41,19 @@ def collect(rt: Runtime, timer: Timer, n: int) -> tuple[Batch, Metrics]:
     """The first half of every step: sample, score, and the log-probs the losses need.
 
     Returns a batch with the responses, ``SCORES``, ``OLD_LOGPROBS`` (+ ``REF_LOGPROBS``
-    with a reference, ``VALUES`` with a critic) and the reward metrics. Every rollout comes
+    with a reference, ``VALUES`` with a critic) and the reward metrics. With
+    ``algorithm.dynamic_sampling`` the batch holds only groups whose scores vary (``sample``),
+    so the actor's token count, the loss's normaliser, is that of those groups. Every rollout comes
     right after a weight sync, so its sampler-vs-trainer mismatch is checked here
-    (``check_rollout_mismatch``: a stale or corrupt rollout engine stops the run).
+    (``check_rollout_mismatch``: a stale or corrupt rollout engine stops the run). When the
+    batch is one optimizer step (``old_logprobs_from_update``) ``OLD_LOGPROBS`` is left out:
+    ``learn`` takes it from the update's forward and checks the mismatch there.
     """
-    with timer("generate"):
-        batch = rollout(rt, rt.next_prompts(), n=n)
-    with timer("reward"):
-        batch, metrics = score(rt, batch)
-    with timer("old_logprobs"):
-        batch = batch | rt.actor.compute_logprobs(batch)
-    metrics |= check_rollout_mismatch(rt.cfg, rt.step, batch)
+    batch, metrics = sample(rt, timer, n)
+    if not old_logprobs_from_update(rt.cfg, len(batch)):  # else ``learn`` takes them from the update
+        with timer("old_logprobs"):
+            batch = batch | rt.actor.compute_logprobs(batch)
+        metrics |= check_rollout_mismatch(rt.cfg, rt.step, batch)
     if rt.ref is not None:
         with timer("ref"):
             batch = batch | rt.ref.compute_ref_logprobs(batch)
@@ -45,6 +61,111 @@ def collect(rt: Runtime, timer: Timer, n: int) -> tuple[Batch, Metrics]:
         with timer("values"):
             batch = batch | rt.critic.compute_values(batch)
     return batch, metrics
+
+
+def sample(rt: Runtime, timer: Timer, n: int) -> tuple[Batch, Metrics]:
+    """``n`` scored responses to each of the next ``data.train_batch_size`` prompts. With
+    ``algorithm.dynamic_sampling``, rounds of fresh prompts until the step holds that many groups
+    whose scores are not all equal (``fill_informative``); a step left short says so on the console."""
+
+    def one_round() -> tuple[Batch, Metrics]:
+        with timer("generate"):
+            batch = rollout(rt, rt.next_prompts(), n=n)
+        with timer("reward"):
+            return score(rt, batch)
+
+    ds, cfg = rt.cfg.algorithm.dynamic_sampling, rt.cfg
+    if not ds.enable:
+        return one_round()
+    p = cfg.placement
+    multiple = math.lcm(cfg.trainer.num_workers, p.separate_workers if p.separate else 1)  # ranks splitting it
+    pad_id = int(getattr(rt.train_data.dataset, "pad_id", 0))
+    batch, metrics = fill_informative(one_round, cfg.data.train_batch_size, ds.max_rounds, multiple, pad_id)
+    if metrics["dynamic_sampling/short"]:
+        announce(cfg, f"warning: step {rt.step}: {short_step_note(metrics, cfg.data.train_batch_size)}")
+    return batch, metrics
+
+
+def short_step_note(metrics: Metrics, wanted: int) -> str:
+    """One line on a step that ``max_rounds`` left short of informative groups."""
+    informative = int(metrics["dynamic_sampling/sampled_groups"] - metrics["dynamic_sampling/dropped_groups"])
+    kept, rounds = int(metrics["dynamic_sampling/kept_groups"]), int(metrics["dynamic_sampling/rounds"])
+    what = "the first round as sampled" if kept > informative else "those"
+    return (
+        f"dynamic sampling found {informative} of the {wanted} groups with varying scores it wants in "
+        f"{rounds} rounds (algorithm.dynamic_sampling.max_rounds); training on {kept} groups, {what}"
+    )
+
+
+def fill_informative(
+    one_round: Callable[[], tuple[Batch, Metrics]],
+    groups: int,
+    max_rounds: int,
+    multiple: int = 1,
+    pad_id: int = 0,
+) -> tuple[Batch, Metrics]:
+    """DAPO's dynamic sampling (Yu et al. 2025, arXiv:2503.14476): call ``one_round`` (a scored
+    rollout of fresh prompts, ``GROUP_IDS`` 0..G-1) until ``groups`` groups whose scores are not
+    all equal are in hand, ``max_rounds`` times at most. Returns exactly ``groups`` of them, in
+    the order sampled, ``GROUP_IDS`` renumbered 0..groups-1, and the rounds' metrics merged.
+
+    Short after ``max_rounds``: the informative groups it has, cut to a count whose samples are
+    a multiple of ``multiple`` (the ranks that split the batch, so none gets a padding copy);
+    if that leaves none, the first round as sampled (the step dynamic sampling off would take).
+    Metrics ``dynamic_sampling/``: rounds, sampled / dropped (all-equal) / kept groups, short (1/0).
+    """
+    kept: list[Batch] = []
+    rounds: list[tuple[int, Metrics]] = []
+    first, n_kept, sampled, per_group = None, 0, 0, 1
+    while len(rounds) < max_rounds and n_kept < groups:
+        batch, metrics = one_round()
+        rounds.append((len(batch), metrics))
+        first = batch if first is None else first
+        n_groups = int(torch.unique(batch[Keys.GROUP_IDS]).numel())
+        sampled, per_group = sampled + n_groups, len(batch) // max(n_groups, 1)
+        good = batch[informative_groups(batch[Keys.SCORES], batch[Keys.GROUP_IDS])]  # whole groups
+        if len(good):
+            _, local = torch.unique(good[Keys.GROUP_IDS], return_inverse=True)  # [b] in 0..g-1
+            good[Keys.GROUP_IDS] = local + n_kept
+            kept, n_kept = kept + [good], n_kept + int(local.max()) + 1
+    target = min(groups, n_kept)
+    while target > 0 and (target * per_group) % multiple:
+        target -= 1
+    assert first is not None  # max_rounds >= 1
+    if target == 0:
+        batch = first
+    else:
+        batch = concat_prompt_batches(kept, pad_id)
+        batch = batch[batch[Keys.GROUP_IDS] < target]
+    return batch, merge_rounds(rounds) | {
+        "dynamic_sampling/rounds": float(len(rounds)),
+        "dynamic_sampling/sampled_groups": float(sampled),
+        "dynamic_sampling/dropped_groups": float(sampled - n_kept),
+        "dynamic_sampling/kept_groups": float(int(torch.unique(batch[Keys.GROUP_IDS]).numel())),
+        "dynamic_sampling/short": float(n_kept < groups),
+    }
+
+
+REWARD_COUNTS = ("reward/errors", "reward/timeouts", "reward/invalid")  # summed over rounds, not averaged
+
+
+def merge_rounds(rounds: list[tuple[int, Metrics]]) -> Metrics:
+    """The metrics of several scored rounds ``(samples, metrics)`` as one: the counts summed, a
+    max or min the max or min of the rounds', every other metric (a mean over samples) averaged
+    with the rounds' sizes as weights."""
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    extremes: dict[str, float] = {}
+    for size, metrics in rounds:
+        for key, value in metrics.items():
+            if key.endswith(("max", "min")):
+                pick = max if key.endswith("max") else min
+                extremes[key] = pick(extremes.get(key, value), value)
+                continue
+            w = 1.0 if key in REWARD_COUNTS else float(size)
+            totals[key] = totals.get(key, 0.0) + w * value
+            weights[key] = weights.get(key, 0.0) + w
+    return {k: v if k in REWARD_COUNTS else v / weights[k] for k, v in totals.items()} | extremes
 
 
 class RolloutWeightsMismatch(TrainingDiverged):
@@ -90,6 +211,9 @@ def learn(rt: Runtime, timer: Timer, batch: Batch, metrics: Metrics) -> Metrics:
             metrics |= update_metrics(rt.critic.update(batch))
     with timer("update"):
         metrics |= update_metrics(rt.actor.update(batch))
+    if Keys.OLD_LOGPROBS not in batch:  # one optimizer step: the update's forward gave them
+        batch = batch | rt.actor.take_old_logprobs(batch)
+        metrics |= check_rollout_mismatch(rt.cfg, rt.step, batch)
     with timer("weight_sync"):
         metrics |= sync_metrics(rt.actor.sync_weights())
     if rt.cfg.trainer.use_gpu:
@@ -119,9 +243,26 @@ def score(rt: Runtime, batch: Batch) -> tuple[Batch, Metrics]:
     functions' (a failing reward function scores 0 and is counted). Same ``reward/...`` keys."""
     if rt.rm is not None:
         scores = rt.rm.compute_scores(batch)[Keys.SCORES]  # [B]
-        return batch | Batch({Keys.SCORES: scores}), model_reward_metrics(batch, scores)
+        scored, metrics = batch | Batch({Keys.SCORES: scores}), model_reward_metrics(batch, scores)
+        return shape_overlong(rt.cfg, scored, metrics)
     scored = rt.rewards.score(batch)
-    return batch | scored, reward_metrics(scored)
+    return shape_overlong(rt.cfg, batch | scored, reward_metrics(scored))
+
+
+def shape_overlong(cfg: DictConfig, batch: Batch, metrics: Metrics) -> tuple[Batch, Metrics]:
+    """With ``algorithm.overlong.enable``: DAPO's soft overlong penalty added to ``SCORES``
+    (``overlong_penalty``, L_max = ``rollout.max_response_length``). ``reward/score_mean`` stays the
+    score before it; ``reward/mean`` of the step is after it."""
+    ol = cfg.algorithm.overlong
+    if not ol.enable:
+        return batch, metrics
+    lengths = batch[Keys.RESPONSE_MASK].sum(-1)  # [B]
+    penalty = overlong_penalty(lengths, cfg.rollout.max_response_length, ol.buffer, ol.penalty_factor)  # [B]
+    batch[Keys.SCORES] = batch[Keys.SCORES] + penalty.to(batch[Keys.SCORES].dtype)  # [B]
+    return batch, metrics | {
+        "overlong/penalty_mean": float(penalty.mean()),
+        "overlong/penalized_frac": float((penalty < 0).float().mean()),
+    }
 
 
 def kl_controller(cfg: DictConfig) -> FixedKLController | None:

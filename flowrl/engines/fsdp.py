@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,17 +51,24 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from flowrl.algos.aggregate import loss_counts, reduce_metric
-from flowrl.algos.rewards import last_token_index
 from flowrl.batch import Batch
 from flowrl.engines.base import LossFn, Metrics, Normalizer, run_device
 from flowrl.engines.dcp_safety import check_dcp_metadata
 from flowrl.engines.distributed import init_process_group
 from flowrl.engines.optim import OptimizerConfig, build_optimizer
-from flowrl.engines.sequences import entropy_from_logits, model_inputs, token_logprobs
+from flowrl.engines.packing import (
+    Layout,
+    budget_sizes,
+    head_scores,
+    lm_token_outputs,
+    row_tokens,
+    split_to_count,
+)
+from flowrl.engines.sequences import model_inputs
 from flowrl.keys import Keys
 
 if TYPE_CHECKING:
@@ -90,6 +98,12 @@ class FSDPEngineConfig:
     # faster, but a row's log-probs then depend (by float rounding, ~1e-7) on its
     # neighbours; off, they are bitwise independent of the micro-batching on CPU.
     trim_padding: bool = False
+    # Pack each micro-batch's sequences into one row (no padding tokens; see engines/packing.py).
+    packing: bool = True
+    # Micro-batches by real tokens per rank instead of rows (0: micro_batch_size rows).
+    max_tokens_per_micro_batch: int = 0
+    # Tokens per chunk of the LM head's log-softmax: [chunk, vocab] fp32 logits at a time (0: all).
+    logits_chunk_size: int = 1024
     seed: int = 0  # initializes the value head identically on every rank
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
 
@@ -174,6 +188,9 @@ class FSDPEngine:
         self.mesh = init_device_mesh(self.device.type, (self.dp_size,), mesh_dim_names=("fsdp",))
         self.model = load_hf_model(config)
         shard_model(self.model, self.mesh, config)
+        # the chunked LM head runs outside the model's forward: FSDP2 gathers the root for it too
+        self.model.token_outputs = types.MethodType(lm_token_outputs, self.model)  # type: ignore[assignment]
+        register_fsdp_forward_method(self.model, "token_outputs")
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), config.optim)
         self.global_step = 0
 
@@ -181,6 +198,12 @@ class FSDPEngine:
     def hf_model(self) -> PreTrainedModel:
         """The sharded model seen as what it also is: a Hugging Face model (generate, config, save)."""
         return cast("PreTrainedModel", self.model)
+
+    @property
+    def layout(self) -> Layout:
+        """How forwards lay out their rows (packed or padded), from the config."""
+        c = self.config
+        return Layout(c.packing, c.trim_padding, c.attn_implementation, DTYPES[c.param_dtype])
 
     # ---- forward passes ------------------------------------------------------
     @torch.no_grad()
@@ -220,10 +243,8 @@ class FSDPEngine:
         scores = []
         with self._no_grad_pass(batch, micro_batch_size) as micros:
             for micro in micros:
-                inputs = model_inputs(micro.to(self.device), trim=self.config.trim_padding)
-                scores.append(
-                    self._last_token_scores(inputs.input_ids, inputs.attention_mask, inputs.position_ids)
-                )
+                inputs = model_inputs(micro.to(self.device), trim=False)
+                scores.append(self._last_token_scores(inputs.input_ids, inputs.attention_mask))
         return torch.cat(scores).float().cpu()
 
     @torch.no_grad()
@@ -241,65 +262,32 @@ class FSDPEngine:
         """Chosen and rejected sequences of a micro-batch of pairs in one forward.  -> {key: [b]}"""
         ids = torch.cat([micro[Keys.CHOSEN_IDS], micro[Keys.REJECTED_IDS]])  # [2b, L], right-padded
         mask = torch.cat([micro[Keys.CHOSEN_MASK], micro[Keys.REJECTED_MASK]]).long()  # [2b, L]
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [2b, L]
-        chosen, rejected = self._last_token_scores(ids, mask, positions).chunk(2)  # [b], [b]
+        chosen, rejected = self._last_token_scores(ids, mask).chunk(2)  # [b], [b]
         return {Keys.CHOSEN_SCORES: chosen, Keys.REJECTED_SCORES: rejected}
 
-    def _last_token_scores(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
-    ) -> torch.Tensor:
+    def _last_token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The value head at each row's last attended column.  [b, T] inputs -> [b] fp32"""
-        scores = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        ).logits[..., 0]  # [b, T]
-        last = last_token_index(attention_mask)  # [b]
-        return scores.gather(1, last[:, None]).squeeze(1).float()  # [b]
+        return head_scores(self.model, self.layout.last_tokens(input_ids, attention_mask))[:, 0]  # [b]
 
     def _forward(self, micro: Batch, temperature: float, with_entropy: bool) -> dict[str, torch.Tensor]:
-        """Per-token outputs of one micro-batch, zero after each response's end.  -> {key: [b, R]}"""
-        if Keys.INPUT_IDS in micro:
-            return self._forward_sequences(micro, temperature, with_entropy)
-        inputs = model_inputs(micro.to(self.device), trim=self.config.trim_padding)
-        keep = inputs.response_ids.shape[1]  # R'
-        if self.config.value_head:
-            scores = self.model(
-                input_ids=inputs.input_ids,
-                attention_mask=inputs.attention_mask,
-                position_ids=inputs.position_ids,
-            ).logits  # [b, P' + R', 1]
-            outputs = {Keys.VALUES: scores[:, -keep - 1 : -1, 0].float()}  # [b, R']
-        else:
-            logits = self.model(
-                input_ids=inputs.input_ids,
-                attention_mask=inputs.attention_mask,
-                position_ids=inputs.position_ids,
-                logits_to_keep=keep + 1,
-            ).logits[:, :-1]  # [b, R', V]: column P - 1 + j predicts response token j
-            outputs = {Keys.LOGPROBS: token_logprobs(logits, inputs.response_ids, temperature)}
-            if with_entropy:
-                outputs[Keys.ENTROPY] = entropy_from_logits(logits, temperature)
-        pad = inputs.response_width - keep
-        return {k: F.pad(v * inputs.response_valid, (0, pad)) for k, v in outputs.items()}  # [b, R]
+        """Per-token outputs of one micro-batch, zero after each response's end.  -> {key: [b, R]}
 
-    def _forward_sequences(self, micro: Batch, temperature: float, with_entropy: bool) -> dict[str, torch.Tensor]:
-        """Per-token outputs of right-padded sequences (SFT).  -> {key: [b, L]}
-
-        Column t holds the prediction of token t from tokens < t (the logits of column
-        t - 1); column 0 has none and is 0, as is every padding column. With
-        ``trim_padding`` the columns that are padding in every row are not computed.
+        A sequence batch (``INPUT_IDS``, SFT) gets [b, L]: column t holds the prediction of
+        token t from tokens < t; column 0 has none and is 0, as is every padding column.
         """
-        self._require(value_head=False, what="forward on a sequence batch (INPUT_IDS)")
-        ids, mask = micro[Keys.INPUT_IDS], micro[Keys.ATTENTION_MASK]  # [b, L]
-        width = ids.shape[1]
-        keep = int(mask.sum(dim=1).max()) if self.config.trim_padding else width
-        ids, mask = ids[:, :keep], mask[:, :keep]  # [b, L']
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [b, L']
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, :-1]
-        targets, valid = ids[:, 1:], mask[:, 1:].to(torch.float32)  # [b, L' - 1]
-        outputs = {Keys.LOGPROBS: token_logprobs(logits, targets, temperature)}  # [b, L' - 1]
-        if with_entropy:
-            outputs[Keys.ENTROPY] = entropy_from_logits(logits, temperature)
-        return {k: F.pad(v * valid, (1, width - keep)) for k, v in outputs.items()}  # [b, L]
+        micro = micro.to(self.device)
+        if Keys.INPUT_IDS in micro:
+            self._require(value_head=False, what="forward on a sequence batch (INPUT_IDS)")
+            inputs = self.layout.sequences(micro[Keys.INPUT_IDS], micro[Keys.ATTENTION_MASK])  # W = L - 1
+            pad = (1, 0)
+        else:
+            inputs, width = self.layout.rollout(micro)  # W = R'
+            pad = (0, width - inputs.valid.shape[1])
+        if self.config.value_head:
+            outputs = {Keys.VALUES: head_scores(self.model, inputs)}
+        else:
+            outputs = self.model.token_outputs(inputs, temperature, with_entropy, self.config.logits_chunk_size)
+        return {k: F.pad(v, pad) for k, v in outputs.items()}  # [b, R] or [b, L]
 
     @torch.no_grad()
     def generate_greedy(
@@ -356,7 +344,17 @@ class FSDPEngine:
                 module.set_reshard_after_forward(self.config.reshard_after_forward, recurse=False)
 
     def _micro_batches(self, batch: Batch, micro_batch_size: int) -> list[Batch]:
-        """Split and check that every rank runs the same number of forwards (else FSDP2 would hang)."""
+        """``micro_batch_size`` rows each, or with ``max_tokens_per_micro_batch`` consecutive rows
+        within that many real tokens, split further until every rank runs as many forwards
+        as the busiest (FSDP2 would hang otherwise). Rows keep their order."""
+        budget = self.config.max_tokens_per_micro_batch
+        if budget > 0:
+            tokens = row_tokens(batch).tolist()
+            sizes = budget_sizes(tokens, budget)
+            count = int(self._all_gather_floats([float(len(sizes))])[:, 0].max())
+            sizes = split_to_count(tokens, sizes, count)
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            return [batch[s : s + n] for s, n in zip(starts, sizes)]
         if micro_batch_size <= 0:
             raise ValueError(f"FSDPEngine: micro_batch_size={micro_batch_size} must be positive")
         micros = batch.split(micro_batch_size)
@@ -601,6 +599,9 @@ def from_run_config(
             param_dtype=model.dtype,
             gradient_checkpointing=model.gradient_checkpointing,
             trim_padding=model.trim_padding,
+            packing=model.packing,
+            max_tokens_per_micro_batch=model.max_tokens_per_micro_batch,
+            logits_chunk_size=model.logits_chunk_size,
             gather_once_for_inference=model.gather_once_for_inference,
             seed=cfg.trainer.seed,
             optim=optim_cfg,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 from flowrl.batch import Batch
 from flowrl.keys import Keys
@@ -88,3 +89,44 @@ def pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
     out = x.new_zeros(x.shape[0], width)
     out[:, : x.shape[1]] = x
     return out
+
+
+def head_token_outputs(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    targets: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    chunk_size: int,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) of ``targets`` from final hidden states, ``chunk_size`` tokens
+    at a time: only one chunk's [c, V] logits exist at once, in fp32. With autograd on, each
+    chunk is checkpointed, so backward recomputes its logits instead of keeping them.
+
+    hidden [n, H], targets [n] -> [n], [n] | None; ``chunk_size`` <= 0: one chunk.
+    """
+
+    def outputs(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head(h)  # [c, V], the head's dtype
+        if softcap is not None:  # Gemma 2 style final soft-capping, as the model's forward does
+            logits = torch.tanh(logits / softcap) * softcap
+        lp = token_logprobs(logits, t, temperature)  # [c]
+        return lp, entropy_from_logits(logits, temperature) if with_entropy else lp.new_zeros(())
+
+    n = hidden.shape[0]
+    step = chunk_size if chunk_size > 0 else max(n, 1)
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    logprobs, entropies = [], []
+    for start in range(0, n, step):
+        h, t = hidden[start : start + step], targets[start : start + step]  # [c, H], [c]
+        if grad:
+            lp, ent = torch.utils.checkpoint.checkpoint(outputs, h, t, use_reentrant=False)
+        else:
+            lp, ent = outputs(h, t)
+        logprobs.append(lp)
+        entropies.append(ent)
+    if n == 0:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty if with_entropy else None
+    return torch.cat(logprobs), torch.cat(entropies) if with_entropy else None

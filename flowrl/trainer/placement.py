@@ -6,7 +6,7 @@ The ``placement`` section of the run config decides it (docs/scaling.md):
   (or ``"ip:port"``) joins one started with ``ray start`` on each machine.
 - ``nnodes``: the actor's ``trainer.num_workers`` workers spread evenly over that many
   machines, ranks in machine order (a tensor-parallel rollout replica never spans two).
-- ``separate``: roles (``critic``, ``reward_model``) that get ``separate_workers`` workers
+- ``separate``: roles (``critic``, ``reward_model``, ``teacher``) that get ``separate_workers`` workers
   of their own instead of living in the actor's processes. Everything else (actor,
   rollout, reference) is colocated: one process per device holds all of them.
 - ``cpus_per_worker``: CPUs reserved per worker; ``None`` shares a node's CPUs among the
@@ -30,7 +30,7 @@ from flowrl.controller import ResourcePool, WorkerGroup, init_ray
 from flowrl.controller.ray_init import QUIET, node_cpus
 from flowrl.controller.worker import Worker
 
-ROLE_OF = {"critic": "critic", "reward_model": "rm"}  # placement.separate name -> runtime role
+ROLE_OF = {"critic": "critic", "reward_model": "rm", "teacher": "teacher"}  # placement.separate name -> runtime role
 
 
 def total_workers(cfg: DictConfig) -> int:
@@ -148,7 +148,7 @@ def place_one_role(
 def place_workers(cfg: DictConfig, roles: Mapping[str, type[Worker]]) -> dict[str, WorkerGroup]:
     """Start the worker groups: the colocated roles on the actor's pool, each separate role on its own.
 
-    ``roles`` maps runtime role names (``actor``, ``ref``, ``critic``, ``rm``) to worker
+    ``roles`` maps runtime role names (``actor``, ``ref``, ``critic``, ``rm``, ``teacher``) to worker
     classes, in build order. Returns one group view per role.
     """
     p, t = cfg.placement, cfg.trainer

@@ -40,6 +40,8 @@ def model_folders(cfg: DictConfig) -> dict[str, str]:
         folders["reference.path"] = cfg.reference.path
     if cfg.reward_model is not None:
         folders["reward_model.path"] = cfg.reward_model.path
+    if cfg.teacher is not None:
+        folders["teacher.path"] = cfg.teacher.path
     return folders
 
 
@@ -109,6 +111,29 @@ def check_tokenizer(path: str, model_config: dict[str, Any]) -> Any:
             f"{vocab}; the tokenizer belongs to another model: save the model's own tokenizer into the folder"
         )
     return tokenizer
+
+
+def check_teacher_tokenizer(cfg: DictConfig, tokenizer: Any) -> None:
+    """The distillation teacher scores the student's token ids as they are: its tokenizer's
+    vocabulary must be the student's, token for token."""
+    from transformers import AutoTokenizer
+
+    if cfg.teacher is None:
+        return
+    path = cfg.teacher.path
+    try:
+        vocab = AutoTokenizer.from_pretrained(path).get_vocab()
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing/broken tokenizer
+        raise InputError(
+            f"teacher.path={path}: cannot load its tokenizer ({type(e).__name__}); the teacher must ship the "
+            "student's tokenizer (tokenizer.save_pretrained)"
+        ) from None
+    if vocab != tokenizer.get_vocab():
+        raise InputError(
+            f"teacher.path={path}: its tokenizer ({len(vocab)} tokens) differs from the student's "
+            f"(actor.model.path={cfg.actor.model.path}, {len(tokenizer.get_vocab())} tokens); the teacher scores "
+            "the student's token ids, so both must share one tokenizer: pick a teacher of the same model family"
+        )
 
 
 def check_tensor_parallel(cfg: DictConfig, model_config: dict[str, Any]) -> None:
@@ -189,6 +214,7 @@ def check_run_inputs(cfg: DictConfig) -> Any:
     """Model folders, tokenizer, attention heads vs T, devices and resume target; returns the tokenizer."""
     configs = {key: check_model_folder(key, path) for key, path in model_folders(cfg).items()}
     tokenizer = check_tokenizer(cfg.actor.model.path, configs["actor.model.path"])
+    check_teacher_tokenizer(cfg, tokenizer)
     check_tensor_parallel(cfg, configs["actor.model.path"])
     check_devices(cfg)
     check_run_dir(cfg)

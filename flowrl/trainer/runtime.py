@@ -29,6 +29,7 @@ from flowrl.workers.actor_rollout import ActorRollout
 from flowrl.workers.critic import Critic
 from flowrl.workers.reference import Reference
 from flowrl.workers.reward_model import RewardModel
+from flowrl.workers.teacher import Teacher
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Runtime:
     tracker: Tracker
     tokenizer: Any
     rm: WorkerGroup | None = None  # a learned reward model; None: the rule rewards score
+    teacher: WorkerGroup | None = None  # the distillation teacher (teacher.path); None: no teacher
     groups: dict[str, WorkerGroup] = field(default_factory=dict)
     step: int = 0  # the training step under way (set by the loop); seeds its rollouts
     _rollouts_in_step: int = 0
@@ -111,6 +113,8 @@ def build_runtime(cfg: DictConfig) -> Runtime:
         roles["critic"] = Critic
     if cfg.reward_model is not None:
         roles["rm"] = RewardModel
+    if cfg.teacher is not None:
+        roles["teacher"] = Teacher
     groups = place_workers(cfg, roles)  # colocated with the actor unless placement.separate says not
     for group in groups.values():
         group.init_model(cfg)  # the typed, read-only config as loaded
@@ -130,5 +134,6 @@ def build_runtime(cfg: DictConfig) -> Runtime:
         tracker=tracker,
         tokenizer=tokenizer,
         rm=groups.get("rm"),
+        teacher=groups.get("teacher"),
         groups=groups,
     )

@@ -6,6 +6,10 @@ while it generates or receives weights, so training has the device memory.
 Per training step the driver calls, in order: ``generate`` (vLLM), ``compute_logprobs``
 (the trainer's log-probs before the update), ``update`` (the clipped policy-gradient
 step), ``sync_weights`` (stream the new weights into vLLM, in place).
+
+When the rollout batch is one optimizer step (``old_logprobs_from_update``) the old
+log-probs are the current policy's: ``update`` takes them, detached, from its own forward
+instead of a separate pass, and ``take_old_logprobs`` hands them to the driver afterwards.
 """
 
 from __future__ import annotations
@@ -28,6 +32,16 @@ from flowrl.workers.checkpointing import ProcessRNG
 from flowrl.workers.engines import build_rollout, build_train_engine, worker_config
 
 Metrics = dict[str, float]
+
+
+def old_logprobs_from_update(cfg: DictConfig, rows: int) -> bool:
+    """Whether ``update`` supplies the old log-probs of a batch of ``rows`` responses: one
+    epoch of one mini-batch (the policy before the step is the one that sampled) and no
+    in-reward KL (which needs them before the advantages). ``actor.fuse_old_logprobs``."""
+    a = cfg.actor
+    return bool(a.fuse_old_logprobs and a.epochs == 1 and rows <= a.mini_batch_size) and not bool(
+        cfg.algorithm.use_kl_in_reward
+    )
 
 
 class ActorRollout(ProcessRNG, Worker):
@@ -109,19 +123,51 @@ class ActorRollout(ProcessRNG, Worker):
 
     @register(Dispatch.DP_ALL_RANKS)
     def update(self, batch: Batch) -> list[Metrics]:
-        """``actor.epochs`` passes of mini-batch steps over this rank's share of the rollout."""
+        """``actor.epochs`` passes of mini-batch steps over this rank's share of the rollout.
+
+        A batch without ``OLD_LOGPROBS`` must be one step (``old_logprobs_from_update``): its
+        forward's log-probs, detached, are the old ones; ``take_old_logprobs`` returns them.
+        """
         a = self.cfg.actor
         per_rank = a.mini_batch_size // self.world_size
-        with_entropy = a.entropy_coef != 0.0
+        fused = Keys.OLD_LOGPROBS not in batch
+        if fused and (a.epochs != 1 or len(batch) > per_rank):
+            raise ValueError(
+                f"ActorRollout.update: a batch without old log-probs must be one optimizer step, but it has "
+                f"{len(batch)} responses on this rank for {per_rank} per step (actor.mini_batch_size="
+                f"{a.mini_batch_size}) and actor.epochs={a.epochs}; call compute_logprobs first"
+            )
+        with_entropy = a.entropy_coef != 0.0 or (fused and a.log_entropy)
+        loss = self._fused_loss if fused else self._loss
+        self._taken: list[dict[str, torch.Tensor]] = []
         history = []
         with STAGE_PEAKS("update"):
             for _ in range(a.epochs):
                 for mini in batch.split(per_rank):
                     metrics = self.trainer.train_step(
-                        mini, self._loss, a.micro_batch_size, self.cfg.rollout.temperature, with_entropy
+                        mini, loss, a.micro_batch_size, self.cfg.rollout.temperature, with_entropy
                     )
                     history.append({f"actor/{k}": v for k, v in metrics.items()})
         return history
+
+    @register(Dispatch.DP_ALL_RANKS)
+    def take_old_logprobs(self, batch: Batch) -> Batch:
+        """The old log-probs (and, with ``actor.log_entropy``, entropies) that the last ``update``
+        of ``batch`` (without ``OLD_LOGPROBS``) took from its forward.  -> {key: [B, R]}"""
+        out = Batch({k: torch.cat([p[k] for p in self._taken]) for k in self._taken[0]})
+        if len(out) != len(batch):
+            raise ValueError(f"take_old_logprobs: {len(out)} rows kept by update, {len(batch)} asked for")
+        return out
+
+    def _fused_loss(
+        self, micro: Batch, out: dict[str, torch.Tensor], norm: Normalizer
+    ) -> tuple[torch.Tensor, Metrics]:
+        """``_loss`` with the old log-probs of this very forward (the policy before the step)."""
+        old = {Keys.OLD_LOGPROBS: out[Keys.LOGPROBS].detach()}  # [b, R]
+        if self.cfg.actor.log_entropy:
+            old[Keys.ENTROPY] = out[Keys.ENTROPY].detach()  # [b, R]
+        self._taken.append({k: v.float().cpu() for k, v in old.items()})
+        return self._loss(micro | Batch({Keys.OLD_LOGPROBS: old[Keys.OLD_LOGPROBS]}), out, norm)
 
     def _loss(
         self, micro: Batch, out: dict[str, torch.Tensor], norm: Normalizer

@@ -109,3 +109,56 @@ def test_grpo_with_a_tensor_parallel_rollout(assets, tmp_path):
     with open(tmp_path / "run" / "val_samples.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == 16  # collected once per replica, not once per rank
+
+
+MENU_RECIPES = ["gspo", "cispo", "dapo"]  # the algorithm menu: GRPO's driver with another loss / sampling
+
+
+@pytest.mark.parametrize("name", MENU_RECIPES)
+def test_menu_recipe_two_steps(name, assets, tmp_path):
+    """recipes/{gspo,cispo,dapo}_arithmetic_tiny.yaml as written, 2 steps through real Ray workers and vLLM."""
+    from flowrl.drivers.registry import load_driver
+
+    cfg = load_config(f"recipes/{name}_arithmetic_tiny.yaml", two_steps_on(assets, tmp_path / "run"))
+    result = load_driver(cfg.trainer.algorithm).main(cfg)
+    assert 0.0 <= result["val/accuracy"] <= 1.0
+    steps = [r for r in read_metrics(str(tmp_path / "run")) if "actor/ppo_kl" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["actor/first_ppo_kl"] == 0.0 and r["rollout/logprob_diff_max"] < 1e-3 for r in steps)
+    assert all(r["actor/grad_norm"] == r["actor/grad_norm"] for r in steps)  # not NaN
+    if name == "cispo":
+        assert all("actor/is_weight" in r for r in steps)
+    if name == "dapo":  # the random tiny model answers nothing right: every round may be all-equal
+        assert all(1 <= r["dynamic_sampling/rounds"] <= 3 and "overlong/penalty_mean" in r for r in steps)
+        assert all(r["dynamic_sampling/kept_groups"] >= 1 for r in steps)
+
+
+def test_dynamic_sampling_refills_on_a_task_with_all_equal_groups(assets, tmp_path):
+    """The DAPO recipe with a reward that scores every response to an even answer 1.0 (an
+    all-equal group): each step needs more than one round of 8 prompts to hold 8 groups
+    whose scores vary, and trains on exactly those."""
+    overrides = [
+        *two_steps_on(assets, tmp_path / "run"),
+        "reward.function=tests.e2e.dapo_rewards:half_all_equal",
+        "algorithm.overlong.enable=false",  # scores from the reward alone
+        "algorithm.dynamic_sampling.max_rounds=6",
+    ]
+    cfg = load_config("recipes/dapo_arithmetic_tiny.yaml", overrides)
+    import importlib
+
+    importlib.import_module(DRIVERS["grpo"]).main(cfg)
+    steps = [r for r in read_metrics(str(tmp_path / "run")) if "actor/ppo_kl" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert r["dynamic_sampling/rounds"] > 1, r["dynamic_sampling/rounds"]
+        assert r["dynamic_sampling/dropped_groups"] > 0 and r["dynamic_sampling/short"] == 0.0
+        assert r["dynamic_sampling/kept_groups"] == 8
+        assert r["actor/first_ppo_kl"] == 0.0 and r["rollout/logprob_diff_max"] < 1e-3
+    # every prompt of a round was taken from the sampler: the checkpoint's position says how many
+    saved = find_latest(tmp_path / "run" / "checkpoints")
+    import json
+
+    with open(os.path.join(saved.path, "driver.json")) as f:
+        sampler = json.load(f)["sampler"]
+    rounds = sum(int(r["dynamic_sampling/rounds"]) for r in steps)
+    assert sampler["epoch"] * sampler["n_rows"] + sampler["position"] == 8 * rounds

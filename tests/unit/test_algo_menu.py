@@ -407,14 +407,18 @@ def test_guard_stops_on_nan_rollout_logprobs_and_skips_a_batch_without_them():
 
 
 def test_collect_checks_the_rollout_and_reports_the_step_fractions(monkeypatch):
-    """``steps.collect`` measures the mismatch after ``compute_logprobs`` and adds the
-    configured correction's whole-batch fractions; a far-off one stops the step."""
+    """With a separate old-log-prob pass, ``steps.collect`` measures the mismatch after
+    ``compute_logprobs`` and adds the configured correction's whole-batch fractions; a
+    far-off one stops the step. (Fused into the update, ``learn`` does it: test_fused_old_logprobs.py.)"""
     good = _batch(0.001)
     old = Batch({Keys.OLD_LOGPROBS: good[Keys.OLD_LOGPROBS]})
     sampled = good.select(Keys.RESPONSE_MASK, Keys.ROLLOUT_LOGPROBS)
     monkeypatch.setattr(steps, "rollout", lambda rt, prompts, n: sampled)
     monkeypatch.setattr(steps, "score", lambda rt, batch: (batch, {"reward/mean": 1.0}))
-    cfg = _cfg(**{"actor.policy_loss.mismatch": "token_mask", "actor.policy_loss.mismatch_token_low": 0.9999})
+    cfg = _cfg(**{
+        "actor.policy_loss.mismatch": "token_mask", "actor.policy_loss.mismatch_token_low": 0.9999,
+        "actor.fuse_old_logprobs": False,
+    })
     actor = SimpleNamespace(compute_logprobs=lambda batch: old)
     rt = SimpleNamespace(cfg=cfg, step=4, actor=actor, ref=None, critic=None, next_prompts=lambda: None)
     _, metrics = steps.collect(rt, Timer(), n=1)
@@ -423,6 +427,43 @@ def test_collect_checks_the_rollout_and_reports_the_step_fractions(monkeypatch):
     rt.actor = SimpleNamespace(compute_logprobs=lambda batch: far)
     with pytest.raises(steps.RolloutWeightsMismatch, match="step 4"):
         steps.collect(rt, Timer(), n=1)
+
+
+def test_learn_checks_the_mismatch_from_the_fused_update(monkeypatch):
+    """One optimizer step: ``collect`` leaves the old log-probs to the update, and ``learn``
+    checks the mismatch from what the update's forward gave, before the weight sync."""
+    good = _batch(0.001)
+    sampled = good.select(Keys.RESPONSE_MASK, Keys.ROLLOUT_LOGPROBS)
+    monkeypatch.setattr(steps, "rollout", lambda rt, prompts, n: sampled)
+    monkeypatch.setattr(steps, "score", lambda rt, batch: (batch, {"reward/mean": 1.0}))
+    cfg = _cfg(**{"actor.policy_loss.mismatch": "token_mask", "actor.policy_loss.mismatch_token_low": 0.9999,
+                  "actor.mini_batch_size": len(good), "actor.epochs": 1, "actor.fuse_old_logprobs": True})
+    synced = []
+
+    def actor(old):
+        def never(batch):
+            raise AssertionError("no separate old-log-prob pass for one optimizer step")
+
+        return SimpleNamespace(compute_logprobs=never, update=lambda batch: [[{}]],
+                               take_old_logprobs=lambda batch: Batch({Keys.OLD_LOGPROBS: old}),
+                               sync_weights=lambda: synced.append(1) or [{}])
+
+    rt = SimpleNamespace(cfg=cfg, step=5, actor=actor(good[Keys.OLD_LOGPROBS]), ref=None, critic=None,
+                         next_prompts=lambda: None)
+    batch, _ = steps.collect(rt, Timer(), n=1)
+    assert Keys.OLD_LOGPROBS not in batch
+    monkeypatch.setattr(steps, "update_metrics", lambda per_rank: {})
+    monkeypatch.setattr(steps, "sync_metrics", lambda per_rank: {})
+    monkeypatch.setattr(steps, "rollout_metrics", lambda batch: {})
+    batch[Keys.PROMPT_MASK] = torch.ones(len(batch), 1)
+    timer = Timer()
+    with timer("step"):
+        metrics = steps.learn(rt, timer, batch, {})
+    assert 0 < metrics["rollout/masked_token_frac"] < 1 and synced == [1]
+    rt.actor = actor(good[Keys.OLD_LOGPROBS] + 1)
+    with pytest.raises(steps.RolloutWeightsMismatch, match="step 5"):
+        steps.learn(rt, Timer(), batch, {})
+    assert synced == [1]  # stopped before syncing the stepped weights
 
 
 def test_flowrl_train_reports_the_guard_as_a_diverged_run(capsys):

@@ -38,6 +38,16 @@ def test_defaults_recipe_and_overrides_layer(recipe):
         (["algorithm.advantage.estimator=remax"], "needs 'baseline_scores'"),
         (["algorithm.advantage.estimator=nope"], "estimator='nope' is not registered"),
         (["rollout.n=1"], "set rollout.n > 1"),
+        (
+            ["rollout.n=1", "algorithm.advantage.estimator=reinforce_pp", "algorithm.dynamic_sampling.enable=true"],
+            "algorithm.dynamic_sampling.enable=true drops groups whose scores are all equal: set rollout.n > 1",
+        ),
+        (["algorithm.dynamic_sampling.max_rounds=0"], "algorithm.dynamic_sampling.max_rounds=0 must be >= 1"),
+        (
+            ["algorithm.overlong.enable=true", "algorithm.overlong.buffer=300"],
+            "algorithm.overlong.buffer=300 must be in [1, rollout.max_response_length=256]",
+        ),
+        (["algorithm.overlong.penalty_factor=-1"], "algorithm.overlong.penalty_factor=-1.0 must be >= 0"),
     ],
 )
 def test_bad_values_name_the_key(recipe, overrides, message):

@@ -30,7 +30,7 @@ def _leaf_keys(node, prefix: str = "") -> set[str]:
 
 def test_every_config_key_has_a_row():
     cfg = OmegaConf.structured(Config)
-    for group in ("reference", "reward_model"):  # null by default: give them their keys
+    for group in ("reference", "reward_model", "teacher"):  # null by default: give them their keys
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{group}.path=x"]))
     text = render()
     missing = [k for k in sorted(_leaf_keys(cfg)) if f"| `{k}` |" not in text]
@@ -56,3 +56,22 @@ def test_recipe_summary_is_the_first_sentence_of_the_header(tmp_path):
     assert recipe_summary(str(path)) == "GRPO on a task."
     path.write_text("# PPO with a critic,\n# on CPU\n# Run: flowrl train r.yaml\n")
     assert recipe_summary(str(path)) == "PPO with a critic, on CPU"
+
+
+def test_the_menu_lists_every_registered_choice_with_a_reference():
+    from flowrl.algos import AGG_MODES, ESTIMATORS, MISMATCH_MODES, POLICY_LOSSES
+    from flowrl.config_docs import MENU
+
+    choices = {choice for choice, _, _ in MENU}
+    def builtin(fn) -> bool:  # other tests register their own names in this process
+        return fn.__module__.startswith("flowrl.")
+
+    wanted = {f"algorithm.advantage.estimator={n}" for n in ESTIMATORS.names() if builtin(ESTIMATORS.get(n).fn)}
+    wanted |= {f"actor.policy_loss.name={n}" for n in POLICY_LOSSES.names() if builtin(POLICY_LOSSES.get(n))}
+    wanted |= {f"actor.policy_loss.mismatch={m}" for m in MISMATCH_MODES}
+    wanted |= {f"actor.loss_agg_mode={m}" for m in AGG_MODES}
+    wanted |= {f"actor.kl_loss_type={k}" for k in ("k1", "k2", "k3", "abs")}
+    wanted |= {"algorithm.dynamic_sampling.enable=true", "algorithm.overlong.enable=true"}
+    wanted |= {"algorithm.use_kl_in_reward=true", "actor.use_kl_loss=true"}
+    assert not wanted - choices, sorted(wanted - choices)
+    assert all(what and ref and "|" not in what + ref for _, what, ref in MENU)
