@@ -114,6 +114,7 @@ def overrides(args: argparse.Namespace, model: Path, data: str, run_dir: Path) -
         f"data.train_batch_size={args.prompts}",
         f"data.prompts.max_prompt_length={args.prompt_len}",
         "reward.num_workers=2",
+        *getattr(args, "overrides", []),
     ]
 
 
@@ -207,6 +208,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eager", dest="cuda_graphs", action="store_false", help="vLLM without CUDA graphs")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 matmul peak; 0: measure it now")
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more recipe overrides, e.g. actor.model.packing=false")
     return p.parse_args()
 
 

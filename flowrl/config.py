@@ -28,6 +28,7 @@ from flowrl.algos.registry import ESTIMATORS, POLICY_LOSSES, check_estimator_inp
 from flowrl.data.dataset import PromptDataConfig
 from flowrl.drivers.registry import DriverSpec, load_driver
 from flowrl.engines.base import ROLLOUT_ENGINES, TRAIN_ENGINES
+from flowrl.engines.lora import LoraConfig, lora_config_errors
 from flowrl.engines.optim import OptimizerConfig
 from flowrl.keys import Keys
 from flowrl.plugins import PluginError, load_plugins
@@ -53,7 +54,9 @@ class ModelConfig:
     # on every rank while the pass runs. For FSDP across machines (docs/scaling.md)
     gather_once_for_inference: bool = False
     # pack each micro-batch's sequences into one row with per-sequence position ids (no padding
-    # tokens; varlen flash attention on GPU, a block-diagonal mask otherwise); false: padded rows
+    # tokens; varlen flash attention on GPU, a block-diagonal mask otherwise) where that costs fewer
+    # FLOPs than padded rows (always with flash attention; with a mask when lengths vary enough);
+    # false: padded rows always
     packing: bool = True
     # micro-batches of consecutive responses within this many real tokens per rank (prompt +
     # response), split further so every rank runs as many forwards; 0: micro_batch_size rows
@@ -97,6 +100,7 @@ class ActorConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (PEFT); rank 0: off
     backend: str = "fsdp"  # the training engine (flowrl.engines.base.TRAIN_ENGINES; plugins add more)
     mini_batch_size: int = 8  # responses per optimizer step, over all ranks
     micro_batch_size: int = 4  # responses per forward/backward on one rank
@@ -406,6 +410,7 @@ def validate(cfg: Any, where: str = "config") -> None:
             value = model[key] if model is not None else 0
             _check(value >= 0, where, f"{name}.{key}={value} must be >= 0 (0: off)")
     _check_policy_loss(a.policy_loss, where)
+    _check_lora(a, where)
     _check_dapo_options(cfg, where)
     _check(r.temperature > 0, where, f"rollout.temperature={r.temperature} must be > 0 for training")
     _check(
@@ -484,6 +489,23 @@ def _check_policy_loss(pl: Any, where: str) -> None:
         where,
         f"{key}.max_logprob_diff={pl.max_logprob_diff} must be > 0 "
         "(or null: from rollout.dtype and actor.model.dtype)",
+    )
+
+
+def _check_lora(actor: Any, where: str) -> None:
+    """The adapters' shape; when they are on, PEFT installed and the engine that applies them."""
+    lora = actor.lora
+    for error in lora_config_errors(lora):
+        _check(False, where, error)
+    _check(
+        lora.rank == 0 or actor.backend == "fsdp",
+        where,
+        f"actor.lora.rank={lora.rank}: LoRA is applied by the fsdp training engine, not actor.backend={actor.backend!r}",
+    )
+    _check(
+        lora.rank == 0 or importlib.util.find_spec("peft") is not None,
+        where,
+        f"actor.lora.rank={lora.rank} needs the peft package: pip install 'flowrl[lora]' (or set actor.lora.rank=0)",
     )
 
 

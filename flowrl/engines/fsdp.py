@@ -34,7 +34,7 @@ import contextlib
 import copy
 import os
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -59,6 +60,14 @@ from flowrl.batch import Batch
 from flowrl.engines.base import LossFn, Metrics, Normalizer, run_device
 from flowrl.engines.dcp_safety import check_dcp_metadata
 from flowrl.engines.distributed import init_process_group
+from flowrl.engines.lora import (
+    LoraConfig,
+    adapter_disabled,
+    apply_lora,
+    is_adapter_weight,
+    lora_scales,
+    merge_adapters,
+)
 from flowrl.engines.optim import OptimizerConfig, build_optimizer
 from flowrl.engines.packing import (
     Layout,
@@ -104,8 +113,12 @@ class FSDPEngineConfig:
     max_tokens_per_micro_batch: int = 0
     # Tokens per chunk of the LM head's log-softmax: [chunk, vocab] fp32 logits at a time (0: all).
     logits_chunk_size: int = 1024
-    seed: int = 0  # initializes the value head identically on every rank
+    seed: int = 0  # initializes the value head (and LoRA adapters) identically on every rank
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # LoRA adapters (PEFT) on the model, only they train (flowrl/engines/lora.py); rank 0: off
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # with LoRA: the frozen base weights' dtype (the rollout's, so both hold the same values); None: as loaded
+    frozen_dtype: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("param_dtype", "reduce_dtype"):
@@ -115,6 +128,8 @@ class FSDPEngineConfig:
                 )
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"FSDPEngineConfig.device={self.device!r}: choose 'cpu' or 'cuda'")
+        if self.frozen_dtype is not None and self.frozen_dtype not in DTYPES:
+            raise ValueError(f"FSDPEngineConfig.frozen_dtype={self.frozen_dtype!r}: choose one of {list(DTYPES)}")
 
 
 def load_hf_model(config: FSDPEngineConfig) -> nn.Module:
@@ -137,6 +152,9 @@ def load_hf_model(config: FSDPEngineConfig) -> nn.Module:
     model.config.use_cache = False
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.lora.enabled:
+        frozen = DTYPES[config.frozen_dtype] if config.frozen_dtype is not None else None
+        apply_lora(model, config.lora, config.seed, frozen)
     return model
 
 
@@ -191,6 +209,8 @@ class FSDPEngine:
         # the chunked LM head runs outside the model's forward: FSDP2 gathers the root for it too
         self.model.token_outputs = types.MethodType(lm_token_outputs, self.model)  # type: ignore[assignment]
         register_fsdp_forward_method(self.model, "token_outputs")
+        self.lora_scales = lora_scales(self.model) if config.lora.enabled else {}  # module -> alpha / rank
+        # only parameters that require a gradient (with LoRA: the adapters) get optimizer state
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), config.optim)
         self.global_step = 0
 
@@ -199,11 +219,19 @@ class FSDPEngine:
         """The sharded model seen as what it also is: a Hugging Face model (generate, config, save)."""
         return cast("PreTrainedModel", self.model)
 
+    def adapters_off(self) -> contextlib.AbstractContextManager[None]:
+        """With LoRA: a block in which the model is exactly the base model (every adapter off),
+        e.g. for the reference policy's log-probs without a second copy of the weights."""
+        if not self.lora_scales:
+            raise RuntimeError("FSDPEngine.adapters_off: this engine has no LoRA adapters (lora.rank=0)")
+        return adapter_disabled(self.model)
+
     @property
     def layout(self) -> Layout:
         """How forwards lay out their rows (packed or padded), from the config."""
         c = self.config
-        return Layout(c.packing, c.trim_padding, c.attn_implementation, DTYPES[c.param_dtype])
+        hidden = int(getattr(self.model.config, "hidden_size", 0) or 0)
+        return Layout(c.packing, c.trim_padding, c.attn_implementation, DTYPES[c.param_dtype], hidden)
 
     # ---- forward passes ------------------------------------------------------
     @torch.no_grad()
@@ -459,7 +487,8 @@ class FSDPEngine:
 
         A tied weight appears once, under its first name; a critic's value head is left
         out unless ``with_head``. The order is the module order, which keeps each layer's
-        tensors together.
+        tensors together. With LoRA the names are PEFT's (``.base_layer.``, ``.lora_A.``):
+        ``full_tensors`` merges them back into the base model's.
         """
         tied = self._tied_aliases()
         for name, tensor in self.model.state_dict().items():
@@ -485,13 +514,11 @@ class FSDPEngine:
         Only the current bucket is held, so the extra memory is one bucket plus one tensor.
         Each shard is cast before the all-gather, so an fp32 model synced in bf16 moves
         half the bytes (a cast commutes with the gather: the result is the same).
+        With LoRA each adapter is merged into its base weight (``full_tensors``).
         """
         bucket: list[tuple[str, torch.Tensor]] = []
         size = 0
-        for name, tensor in self.named_tensors():
-            full = tensor.to(dtype)
-            if isinstance(full, DTensor):
-                full = full.full_tensor()
+        for name, full in self.full_tensors(dtype):
             bucket.append((name, full))
             size += full.numel() * full.element_size()
             if size >= bucket_bytes:
@@ -499,6 +526,21 @@ class FSDPEngine:
                 bucket, size = [], 0
         if bucket:
             yield bucket
+
+    def full_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, full tensor in ``dtype``) of ``named_tensors``, one at a time (collective).
+
+        With LoRA the names and weights are the base model's with each adapter merged in,
+        ``W + s * B @ A`` (computed in fp32 from fp32 adapters, then cast to ``dtype``).
+        """
+        def gathered() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in self.named_tensors():
+                full = tensor if is_adapter_weight(name) else tensor.to(dtype)
+                yield name, full.full_tensor() if isinstance(full, DTensor) else full
+
+        if not self.lora_scales:
+            return gathered()
+        return merge_adapters(gathered(), self.lora_scales, dtype)
 
     # ---- checkpoints and memory ------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -531,7 +573,10 @@ class FSDPEngine:
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.dp_rank == 0:
             keep = {name for name, _ in self.named_tensors(with_head=True)}
-            tensors = {k: v.contiguous() for k, v in full.items() if k in keep}  # a tied weight once
+            items: Iterable[tuple[str, torch.Tensor]] = ((k, v) for k, v in full.items() if k in keep)
+            if self.lora_scales:  # the adapters merged in: a plain model of the base architecture
+                items = merge_adapters(items, self.lora_scales, torch.float32)
+            tensors = {k: v.contiguous() for k, v in items}  # a tied weight once
             os.makedirs(path, exist_ok=True)
             config = copy.deepcopy(self.model.config)
             config.architectures = [self._hf_architecture()]
@@ -582,7 +627,9 @@ def from_run_config(
 ) -> FSDPEngine:
     """The ``fsdp`` backend: an engine for the policy, the reference (``optim=None``), the critic
     or the reward model (``value_head`` without ``head_bias``), from the run config's sections."""
-    optim_cfg = OptimizerConfig()
+    optim_cfg, lora = OptimizerConfig(), LoraConfig()
+    if optim is not None and not value_head:  # the policy: actor.lora applies
+        lora = LoraConfig(**OmegaConf.to_container(cfg.actor.lora))  # type: ignore[arg-type]
     if optim is not None:
         fields = dict(optim)
         if fields["total_steps"] == 0:  # the schedule spans the run: steps x optimizer steps per step
@@ -605,5 +652,7 @@ def from_run_config(
             gather_once_for_inference=model.gather_once_for_inference,
             seed=cfg.trainer.seed,
             optim=optim_cfg,
+            lora=lora,
+            frozen_dtype=cfg.rollout.dtype if lora.enabled else None,
         )
     )

@@ -61,11 +61,15 @@ def token_inputs(
     packing: bool,
     implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    hidden_size: int = 0,
 ) -> TokenInputs:
     """Padded rows (``ids``, ``mask`` [b, T]) as the model's inputs; ``cols`` [b, W] names the
-    column of row i whose output fills output column w (valid columns must be real tokens)."""
+    column of row i whose output fills output column w (valid columns must be real tokens).
+    With ``packing`` and a ``hidden_size``, rows are packed only where ``packing_pays``."""
     b, t = ids.shape
     keep = mask.bool()  # [b, T]
+    if packing and hidden_size > 0:
+        packing = packing_pays(int(keep.sum()), b, t, hidden_size, implementation)
     positions = (keep.long().cumsum(dim=1) - 1).clamp(min=0)  # [b, T]: real tokens counted from 0
     cols = torch.where(valid, cols, 0)  # [b, W]
     if not packing:
@@ -83,6 +87,23 @@ def token_inputs(
     )
 
 
+def packing_pays(tokens: int, rows: int, width: int, hidden_size: int, implementation: str) -> bool:
+    """Whether one packed row of ``tokens`` costs fewer FLOPs than ``rows`` padded rows of ``width``.
+
+    Flash attention (varlen) attends within each sequence: packing never costs more. With a
+    block-diagonal mask (sdpa, eager) attention is computed over all tokens x tokens, so
+    packing pays only where the padding it removes outweighs that. Per token, the linear
+    layers cost about 24 d^2 FLOPs per layer and attention 4 d per attended token, so in
+    units of the linear cost: packed N + N^2 / (6 d), padded b T + b T^2 / (6 d).
+    (SmolLM2-135M, CPU: equal lengths measured 1.25x slower packed, lengths spread over
+    10-100% of the width 1.7x faster.)
+    """
+    if implementation.startswith("flash"):
+        return True
+    scale = 6.0 * hidden_size
+    return tokens + tokens * tokens / scale < rows * width + rows * width * width / scale
+
+
 @dataclass(frozen=True)
 class Layout:
     """How an engine lays out a forward: packed or padded, for which attention, in which dtype."""
@@ -91,6 +112,7 @@ class Layout:
     trim: bool = False  # padded rollout rows: drop the columns that are padding in every row
     implementation: str = "sdpa"  # the model's attention implementation
     dtype: torch.dtype = torch.float32  # the compute dtype (an eager additive mask's)
+    hidden_size: int = 0  # the model's; > 0: pack a micro-batch only where it pays (``packing_pays``)
 
     def inputs(
         self,
@@ -100,7 +122,9 @@ class Layout:
         valid: torch.Tensor,
         targets: torch.Tensor,
     ) -> TokenInputs:
-        return token_inputs(ids, mask, cols, valid, targets, self.packing, self.implementation, self.dtype)
+        return token_inputs(
+            ids, mask, cols, valid, targets, self.packing, self.implementation, self.dtype, self.hidden_size
+        )
 
     def rollout(self, micro: Batch) -> tuple[TokenInputs, int]:
         """Prompt + response rows; column j scores response token j (read at column P' - 1 + j).

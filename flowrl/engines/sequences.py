@@ -101,8 +101,9 @@ def head_token_outputs(
     softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of ``targets`` from final hidden states, ``chunk_size`` tokens
-    at a time: only one chunk's [c, V] logits exist at once, in fp32. With autograd on, each
-    chunk is checkpointed, so backward recomputes its logits instead of keeping them.
+    at a time: only one chunk's [c, V] logits exist at once, in fp32. With autograd on and
+    more than one chunk, each chunk is checkpointed, so backward recomputes its logits instead
+    of keeping them; a single chunk keeps them (recomputing would cost time and save nothing).
 
     hidden [n, H], targets [n] -> [n], [n] | None; ``chunk_size`` <= 0: one chunk.
     """
@@ -116,7 +117,7 @@ def head_token_outputs(
 
     n = hidden.shape[0]
     step = chunk_size if chunk_size > 0 else max(n, 1)
-    grad = torch.is_grad_enabled() and hidden.requires_grad
+    grad = torch.is_grad_enabled() and hidden.requires_grad and n > step
     logprobs, entropies = [], []
     for start in range(0, n, step):
         h, t = hidden[start : start + step], targets[start : start + step]  # [c, H], [c]

@@ -6,6 +6,10 @@ Protocol (one call per training step, on every rank at once):
    all-gathered and cast to the rollout dtype) and feed their tensors, lazily, to ONE in-place reload,
    so at most one bucket of full tensors exists at a time;
 3. wake the KV cache (GPU), so the engine is ready to generate.
+
+With LoRA adapters on the trainer (``actor.lora``) the stream carries the base model's
+names with each adapter merged in (``flowrl.engines.lora.merge_adapters``), so the rollout
+engine needs no LoRA support (docs/lora.md).
 """
 
 from __future__ import annotations

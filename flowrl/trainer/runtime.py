@@ -95,6 +95,13 @@ def needs_reference(cfg: DictConfig) -> bool:
     return bool(cfg.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward or estimator_reads)
 
 
+def reference_is_actor_base(cfg: DictConfig) -> bool:
+    """With LoRA and no ``reference.path`` the reference policy is the actor's base model: the
+    actor group computes its log-probs with the adapters disabled, and no ``Reference`` role
+    (a second copy of the weights) is built."""
+    return cfg.actor.lora.rank > 0 and (cfg.reference is None or not cfg.reference.path)
+
+
 def build_runtime(cfg: DictConfig) -> Runtime:
     """Start Ray and the colocated workers, load the data, open the reward runner and the tracker.
 
@@ -107,7 +114,8 @@ def build_runtime(cfg: DictConfig) -> Runtime:
     connect_ray(cfg)  # a local cluster, or the one placement.ray_address names
     started = time.monotonic()
     roles: dict[str, Any] = {"actor": ActorRollout}
-    if needs_reference(cfg):
+    ref_in_actor = needs_reference(cfg) and reference_is_actor_base(cfg)
+    if needs_reference(cfg) and not ref_in_actor:
         roles["ref"] = Reference
     if cfg.critic.enable:
         roles["critic"] = Critic
@@ -126,7 +134,7 @@ def build_runtime(cfg: DictConfig) -> Runtime:
     return Runtime(
         cfg=cfg,
         actor=groups["actor"],
-        ref=groups.get("ref"),
+        ref=groups["actor"] if ref_in_actor else groups.get("ref"),
         critic=groups.get("critic"),
         train_data=loader,
         val_data=val,

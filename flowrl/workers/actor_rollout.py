@@ -5,7 +5,9 @@ while it generates or receives weights, so training has the device memory.
 
 Per training step the driver calls, in order: ``generate`` (vLLM), ``compute_logprobs``
 (the trainer's log-probs before the update), ``update`` (the clipped policy-gradient
-step), ``sync_weights`` (stream the new weights into vLLM, in place).
+step), ``sync_weights`` (stream the new weights into vLLM, in place). With LoRA adapters
+(``actor.lora``) the sync sends the weights with the adapters merged in, and the group
+also serves as the reference (``compute_ref_logprobs``: the adapters disabled).
 
 When the rollout batch is one optimizer step (``old_logprobs_from_update``) the old
 log-probs are the current policy's: ``update`` takes them, detached, from its own forward
@@ -195,6 +197,17 @@ class ActorRollout(ProcessRNG, Worker):
         metrics["pg_loss"] = aggregate(pg, mask, a.loss_agg_mode).detach()
         total = aggregate(loss, mask, a.loss_agg_mode, norm.global_tokens, norm.global_seqs)
         return total, {k: float(v) for k, v in metrics.items()}
+
+    @register(Dispatch.DP_ALL_RANKS)
+    def compute_ref_logprobs(self, batch: Batch) -> Batch:
+        """The reference policy's log-probs when it is this policy's base model (``actor.lora``
+        on, no ``reference.path``): the trainer's model with its adapters disabled, so the
+        reference needs no second copy of the weights (``flowrl.trainer.runtime``)."""
+        with STAGE_PEAKS("ref"), self.trainer.adapters_off():  # type: ignore[attr-defined]
+            logprobs, _ = self.trainer.compute_logprobs(
+                batch, self.cfg.rollout.temperature, self.cfg.actor.micro_batch_size
+            )
+        return Batch({Keys.REF_LOGPROBS: logprobs})
 
     # ---- checkpoints -------------------------------------------------------------------
     @register(Dispatch.ONE_TO_ALL)

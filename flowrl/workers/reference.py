@@ -1,4 +1,8 @@
-"""The reference policy: forward-only log-probs of the initial (or a given) model."""
+"""The reference policy: forward-only log-probs of the initial (or a given) model.
+
+With LoRA on the actor and no ``reference.path`` this role is not built: the actor group
+computes the reference log-probs with its adapters disabled (``ActorRollout.compute_ref_logprobs``).
+"""
 
 from __future__ import annotations
 

@@ -48,6 +48,12 @@ def test_defaults_recipe_and_overrides_layer(recipe):
             "algorithm.overlong.buffer=300 must be in [1, rollout.max_response_length=256]",
         ),
         (["algorithm.overlong.penalty_factor=-1"], "algorithm.overlong.penalty_factor=-1.0 must be >= 0"),
+        (["actor.lora.rank=-1"], "actor.lora.rank=-1 must be >= 0"),
+        (["actor.lora.rank=4", "actor.lora.alpha=0"], "actor.lora.alpha=0.0 must be > 0"),
+        (["actor.lora.dropout=1.0"], "actor.lora.dropout=1.0 must be in"),
+        (["actor.lora.target_modules=attention"], "actor.lora.target_modules='attention': give a list"),
+        (["actor.lora.target_modules=[]"], "actor.lora.target_modules=[]: give a non-empty list"),
+        (["actor.lora.rank=4", "actor.backend=mine"], "LoRA is applied by the fsdp training engine"),
     ],
 )
 def test_bad_values_name_the_key(recipe, overrides, message):

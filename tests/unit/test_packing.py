@@ -12,6 +12,8 @@ import torch
 from flowrl.batch import Batch
 from flowrl.engines.packing import (
     Layout,
+    packing_pays,
+    token_inputs,
     budget_sizes,
     head_scores,
     lm_token_outputs,
@@ -150,3 +152,19 @@ def test_split_to_count_splits_the_heaviest_at_its_midpoint() -> None:
 
 def test_row_tokens_count_prompt_and_response() -> None:
     assert row_tokens(ragged_batch()).tolist() == [2, 11, 5, 2, 10]
+
+
+def test_packing_only_where_it_saves_flops():
+    # equal lengths: a masked packed row attends over all tokens x tokens and saves no padding
+    assert not packing_pays(tokens=8 * 128, rows=8, width=128, hidden_size=576, implementation="sdpa")
+    # lengths spread over 10-100% of the width: the padding removed outweighs the wider attention
+    assert packing_pays(tokens=1088, rows=8, width=256, hidden_size=576, implementation="sdpa")
+    # varlen flash attention attends within each sequence: packing never costs more
+    assert packing_pays(tokens=8 * 128, rows=8, width=128, hidden_size=576, implementation="flash_attention_2")
+    ids = torch.arange(1, 9).view(2, 4)
+    full, ragged = torch.ones(2, 4, dtype=torch.long), torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    cols = torch.zeros(2, 1, dtype=torch.long)
+    valid = torch.ones(2, 1, dtype=torch.bool)
+    assert token_inputs(ids, full, cols, valid, cols, True, hidden_size=64).input_ids.shape == (2, 4)  # padded
+    assert token_inputs(ids, ragged, cols, valid, cols, True, hidden_size=64).input_ids.shape == (1, 5)  # packed
+    assert token_inputs(ids, full, cols, valid, cols, True).input_ids.shape == (1, 8)  # no size: always packed
