@@ -6,7 +6,7 @@
                                                   supervised fine-tuning (flowrl/drivers/sft.py)
     flowrl rm [RECIPE.yaml] [key=value ...] [--model-path DIR ...]
                                                   reward-model training (flowrl/drivers/reward_model.py)
-    flowrl export SRC [--base DIR] [--out DIR]    a Hugging Face folder from a checkpoint
+    flowrl export SRC [--base DIR] [--out DIR] [--adapter]    a Hugging Face folder (or a LoRA adapter) from a checkpoint
     flowrl eval MODEL_DIR DATA [...]              accuracy of a model on RL rows (flowrl/evaluation.py)
     flowrl plot RUN_DIR [--out PNG]               curves of a run's metrics.jsonl (flowrl/plot.py)
 
@@ -133,28 +133,31 @@ def export(args: argparse.Namespace) -> int:
         if ex.is_step_folder(args.src):  # RUN_DIR/checkpoints/step_N: the policy, and the base it recorded
             checkpoint, recorded = ex.step_folder_parts(args.src)
             base = args.base or recorded
-            out = args.out or os.path.join(args.src, "hf")
+            out = args.out or os.path.join(args.src, "adapter" if args.adapter else "hf")
             if base is None or not ex.is_hf_folder(base):
                 raise UsageError(
                     f"{args.src}: the run started from {recorded!r}, which is no Hugging Face folder here; "
                     "give --base (the model folder the run started from)"
                 )
-            folder = ex.export_checkpoint(checkpoint, base, out)
+            lora = ex.recorded_meta(args.src).get("lora")
+            folder = ex.export_checkpoint(checkpoint, base, out, lora=lora, adapter_only=args.adapter)
         elif ex.is_training_checkpoint(args.src):
             if args.base is None or args.out is None:
                 raise UsageError(
                     f"{args.src} is a training checkpoint: give --base (the model folder the run "
                     "started from) and --out (the folder to write)"
                 )
-            folder = ex.export_checkpoint(args.src, args.base, args.out)
+            folder = ex.export_checkpoint(args.src, args.base, args.out, adapter_only=args.adapter)
         elif ex.is_hf_folder(args.src):
+            if args.adapter:
+                raise UsageError(f"--adapter: {args.src} is a Hugging Face folder; give a LoRA run's checkpoint step folder")
             folder = ex.copy_hf_folder(args.src, args.out) if args.out else args.src
         else:
             raise UsageError(
                 f"{args.src}: neither a Hugging Face folder (config.json), a checkpoint step folder "
                 f"(driver.json + actor/) nor a training checkpoint ({ex.DCP_METADATA})"
             )
-        print(ex.verify_hf_folder(folder).line())
+        print(ex.verify_adapter_folder(folder) if args.adapter else ex.verify_hf_folder(folder).line())
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     return 0
@@ -303,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
         "records it, so there it is optional",
     )
     p.add_argument("--out", help="the Hugging Face folder to write (a step folder: default STEP/hf)")
+    p.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA run: write its adapters alone, in PEFT's format (adapter_config.json + "
+        "adapter_model.safetensors), instead of the base model with the adapters merged in",
+    )
     p.set_defaults(run=export)
     add_eval_parser(sub)
     add_plot_parser(sub)

@@ -73,6 +73,18 @@ class ScoringModelConfig(ModelConfig):
 
 
 @dataclass
+class MultiTurnConfig:
+    """Multi-turn rollouts: the model and an environment take turns (docs/agents.md)."""
+
+    enable: bool = False  # turns of the model and an environment instead of one response per prompt
+    env: str = "tools"  # a registered environment (flowrl.envs) or "pkg.module:Class"
+    env_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the environment
+    max_turns: int = 4  # model turns per trajectory; rollout.max_response_length bounds all its tokens
+    step_timeout_s: float = 60.0  # one env.step (its tool calls included) at most; past it: truncated
+    max_concurrent_steps: int = 16  # env.step calls running at once in each rollout worker (threads)
+
+
+@dataclass
 class RolloutConfig:
     """Generation with the colocated rollout engine (vLLM by default)."""
 
@@ -92,6 +104,7 @@ class RolloutConfig:
     # seed each prompt's sampling from (trainer.seed, step, index): a resumed run samples what an
     # uninterrupted one did; off: vLLM's one engine-wide RNG (resumes are then not bitwise)
     seed_per_prompt: bool = True
+    multi_turn: MultiTurnConfig = field(default_factory=MultiTurnConfig)
 
 
 @dataclass
@@ -442,6 +455,39 @@ def validate(cfg: Any, where: str = "config") -> None:
     _check_driver(cfg, where, spec)
     _check_registered(cfg, where)
     _check_estimator(cfg, where, spec)
+    _check_multi_turn(cfg, where)
+
+
+def _check_multi_turn(cfg: Any, where: str) -> None:
+    """A multi-turn recipe names an environment that loads with its kwargs, on an engine that runs turns."""
+    from flowrl.envs import make_env
+
+    mt, r = cfg.rollout.multi_turn, cfg.rollout
+    if not mt.enable:
+        return
+    _check(mt.max_turns >= 1, where, f"rollout.multi_turn.max_turns={mt.max_turns} must be >= 1")
+    _check(mt.step_timeout_s > 0, where, f"rollout.multi_turn.step_timeout_s={mt.step_timeout_s} must be > 0")
+    _check(
+        mt.max_concurrent_steps >= 1, where,
+        f"rollout.multi_turn.max_concurrent_steps={mt.max_concurrent_steps} must be >= 1",
+    )
+    _check(
+        r.backend == "vllm", where,
+        f"rollout.multi_turn.enable=true needs rollout.backend=vllm (rollout.backend={r.backend!r} runs no turns)",
+    )
+    _check(
+        r.tensor_parallel_size == 1, where,
+        f"rollout.multi_turn.enable=true needs rollout.tensor_parallel_size=1 (got {r.tensor_parallel_size}): "
+        "the ranks of a tensor-parallel replica would see tool results at different times",
+    )
+    _check(
+        cfg.reward_model is None, where,
+        "rollout.multi_turn.enable=true: the environment gives the rewards; leave reward_model out",
+    )
+    try:
+        make_env(mt.env, OmegaConf.to_container(mt.env_kwargs)).close()
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _check_policy_loss(pl: Any, where: str) -> None:

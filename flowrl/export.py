@@ -22,6 +22,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,10 +50,15 @@ def is_step_folder(path: str | os.PathLike) -> bool:
 
 def step_folder_parts(path: str | os.PathLike) -> tuple[str, str | None]:
     """(the policy's DCP folder, the model folder the run started from as ``driver.json`` recorded it)."""
-    with open(Path(path, STEP_STATE)) as f:
-        state = json.load(f)
-    base = state.get("meta", {}).get("model")
+    base = recorded_meta(path).get("model")
     return os.fspath(Path(path, "actor")), base
+
+
+def recorded_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The run metadata a step folder's ``driver.json`` recorded (model, LoRA settings, ...)."""
+    with open(Path(path, STEP_STATE)) as f:
+        meta: dict[str, Any] = json.load(f).get("meta", {})
+    return meta
 
 
 @dataclass(frozen=True)
@@ -96,15 +102,21 @@ def verify_hf_folder(path: str | os.PathLike) -> FolderReport:
 
 
 def export_checkpoint(
-    checkpoint: str | os.PathLike, base: str | os.PathLike, out_dir: str | os.PathLike
+    checkpoint: str | os.PathLike,
+    base: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    lora: dict[str, Any] | None = None,
+    adapter_only: bool = False,
 ) -> Path:
     """Write the policy weights of a training checkpoint as a Hugging Face folder in ``out_dir``.
 
     ``base`` is the model folder training started from: its config, generation config and
     tokenizer are copied, its weights replaced by the checkpoint's (all of them: a
-    checkpoint that lacks one fails with its name).
+    checkpoint that lacks one fails with its name). A LoRA run's checkpoint needs its
+    ``lora`` settings (rank, alpha, target_modules; a step folder records them): the folder
+    then holds the base model with the adapters merged in, or with ``adapter_only`` the
+    adapters alone in PEFT's format (``export_adapter``).
     """
-    import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not is_training_checkpoint(checkpoint):
@@ -112,11 +124,46 @@ def export_checkpoint(
     check_dcp_metadata(checkpoint)  # dcp reads .metadata with pickle: refuse a tampered one first
     if not is_hf_folder(base):
         raise FileNotFoundError(f"--base {base}: not a Hugging Face model folder (no config.json)")
+    stored = _stored_names(checkpoint)
+    if lora is None and any(".lora_A." in name for name in stored):
+        raise ValueError(
+            f"{checkpoint}: a LoRA run's checkpoint; export it from its step folder (RUN_DIR/checkpoints/step_N), "
+            "which records the adapters' settings"
+        )
+    if adapter_only and lora is None:
+        raise ValueError(f"{checkpoint}: --adapter needs a LoRA run's checkpoint; this one trained every weight")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if lora is not None:
+        from flowrl.engines.lora import LoraConfig, apply_lora
+
+        apply_lora(model, LoraConfig(**lora), seed=0)  # the layers only: their weights come from the checkpoint
+    _load_policy(model, checkpoint, stored)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if adapter_only:
+        return export_adapter(model, lora or {}, os.fspath(base), out)
+    if lora is not None:
+        model = _merged(model, base)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+def _stored_names(checkpoint: str | os.PathLike) -> set[str]:
+    """The policy weights' names in a checkpoint (without the ``model.`` prefix of its state)."""
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(os.fspath(checkpoint)).read_metadata().state_dict_metadata
+    return {k.removeprefix(f"{MODEL_PREFIX}.") for k in keys if k.startswith(f"{MODEL_PREFIX}.")}
+
+
+def _load_policy(model: torch.nn.Module, checkpoint: str | os.PathLike, stored: set[str]) -> None:
+    """Fill every weight of ``model`` from the checkpoint (one process, no process group)."""
+    import torch.distributed.checkpoint as dcp
+
     tied = _tied_aliases(model)
     state = {k: v for k, v in model.state_dict().items() if k not in tied}
-    stored = set(dcp.FileSystemReader(os.fspath(checkpoint)).read_metadata().state_dict_metadata)
-    missing = sorted(k for k in state if f"{MODEL_PREFIX}.{k}" not in stored)
+    missing = sorted(k for k in state if k not in stored)
     if missing:
         raise ValueError(
             f"{checkpoint}: lacks {len(missing)} weights of the --base model (first: {missing[0]}); "
@@ -126,11 +173,53 @@ def export_checkpoint(
         warnings.filterwarnings("ignore", message=".*load in a single process.*")
         dcp.load({MODEL_PREFIX: state}, checkpoint_id=os.fspath(checkpoint))  # fills the tensors in place
     model.load_state_dict(state, strict=False)  # the same values again, should the loader swap any tensor
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+
+
+def _merged(model: torch.nn.Module, base: str | os.PathLike) -> torch.nn.Module:
+    """A plain model of the base architecture holding ``W + s * B @ A`` for every adapted layer."""
+    from transformers import AutoModelForCausalLM
+
+    from flowrl.engines.lora import lora_scales, merge_adapters
+
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tied = _tied_aliases(model)
+    named = ((k, v) for k, v in model.state_dict().items() if k not in tied)
+    plain.load_state_dict(dict(merge_adapters(named, lora_scales(model))), strict=False)
+    return plain
+
+
+def export_adapter(model: torch.nn.Module, lora: dict[str, Any], base: str, out: Path) -> Path:
+    """The adapters of a LoRA model in PEFT's format: ``adapter_model.safetensors`` with
+    ``base_model.model.<module>.lora_{A,B}.weight`` and ``adapter_config.json`` (what
+    ``PeftModel.from_pretrained(base_model, out)`` and vLLM's ``LoRARequest`` load)."""
+    import peft
+    from safetensors.torch import save_file
+
+    from flowrl.engines.lora import adapter_tensors, lora_layers
+
+    tensors = {f"base_model.model.{name}": t.detach().contiguous() for name, t in adapter_tensors(model)}
+    save_file(tensors, os.fspath(out / "adapter_model.safetensors"))
+    targets = sorted({name.rsplit(".", 1)[-1] for name in lora_layers(model)})  # "all-linear", spelt out
+    config = peft.LoraConfig(
+        r=int(lora["rank"]), lora_alpha=float(lora["alpha"]), bias="none", task_type="CAUSAL_LM",
+        target_modules=targets, base_model_name_or_path=os.path.abspath(base),
+    )  # fmt: skip
+    config.save_pretrained(os.fspath(out))
     return out
+
+
+def verify_adapter_folder(path: str | os.PathLike) -> str:
+    """Load a PEFT adapter folder onto the base model it names and run one forward; one line."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = PeftConfig.from_pretrained(os.fspath(path))
+    base = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, os.fspath(path)).eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    n = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    return f"adapter: {path} (PEFT LoRA r={config.r}, {n:,} parameters, on {config.base_model_name_or_path})"
 
 
 def copy_hf_folder(src: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

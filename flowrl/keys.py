@@ -40,6 +40,12 @@ class Keys:
     LOSS_MASK = "loss_mask"  # [B, L] float32, SFT: 1 on tokens the loss counts (next-token targets)
     INPUT_IDS = "input_ids"  # [B, L] int64, SFT: right-padded full sequences
     ATTENTION_MASK = "attention_mask"  # [B, L] int64, SFT: 1 on real tokens
+    # multi-turn rollouts (flowrl.workers.agent_loop): RESPONSE_IDS hold the model's turns and the
+    # observations between them; RESPONSE_MASK is 1 on the model's tokens only
+    OBSERVATION_MASK = "observation_mask"  # [B, R] float32, 1 on inserted observation tokens
+    NUM_TURNS = "num_turns"  # [B] int64, model turns of the trajectory
+    TOOL_CALLS = "tool_calls"  # [B] int64, tool calls the environment ran
+    TOOL_ERRORS = "tool_errors"  # [B] int64, of which failed, timed out or were refused
 
     # --- per-sample non-tensor fields -----------------------------------------
     MESSAGES = "messages"  # list[dict] chat messages of the prompt
@@ -49,5 +55,6 @@ class Keys:
     DATA_SOURCE = "data_source"  # str, selects the rule reward
     EXTRA_INFO = "extra_info"  # dict, passed to reward functions
     REWARD_EXTRA = "reward_extra"  # dict, extra values a reward function returned (or {"error": msg})
-    FINISH_REASON = "finish_reason"  # str, "stop" or "length"
+    FINISH_REASON = "finish_reason"  # str, "stop" or "length" (multi-turn also "max_turns", "step_timeout", "env_error")
+    ENV_ERRORS = "env_errors"  # str, multi-turn: why the environment failed ("" if it did not)
     WORKER_TAG = "worker_tag"  # str, which rank produced the row (tests, debugging)

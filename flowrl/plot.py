@@ -26,6 +26,9 @@ DEFAULT_KEYS = (
     "val/loss",  # SFT
     "critic/vf_loss",  # PPO
     "response_length/mean",
+    "agent/turns_mean",  # multi-turn
+    "agent/tool_calls_mean",
+    "agent/tool_errors_mean",
     "timing/step",
 )
 SMOOTH_FROM = 20  # points; curves at least this long get a moving average

@@ -67,6 +67,9 @@ NOT_BATCH_KEYS: dict[tuple[str, str], str] = {
     ("flowrl/tasks/arithmetic.py", "rl_row"): "the dataset row format it writes",
     ("flowrl/tasks/reasoning_gym.py", "make_rows"): "the dataset row format it writes",
     ("flowrl/tasks/gsm8k.py", "make_row"): "the dataset row format it writes",
+    ("flowrl/tasks/tool_arithmetic.py", "rl_row"): "the dataset row format it writes",
+    ("flowrl/envs/tool_env.py", "_score"): "the dataset row an environment is reset with",
+    ("flowrl/workers/agent_loop.py", "dataset_rows"): "the dataset row an environment is reset with",
     ("flowrl/evaluation.py", "sample_records"): "the JSONL record format of evaluation samples",
     ("flowrl/algos/losses.py", "entropy_loss"): "the metric name 'entropy'",
 }

@@ -241,6 +241,8 @@ def rollout(rt: Runtime, prompts: Batch, n: int, temperature: float | None = Non
 def score(rt: Runtime, batch: Batch) -> tuple[Batch, Metrics]:
     """Sequence rewards into ``SCORES``: the reward model's when the run has one, else the rule
     functions' (a failing reward function scores 0 and is counted). Same ``reward/...`` keys."""
+    if Keys.NUM_TURNS in batch:  # a multi-turn rollout: its environment gave the scores
+        return shape_overlong(rt.cfg, batch, agent_metrics(batch))
     if rt.rm is not None:
         scores = rt.rm.compute_scores(batch)[Keys.SCORES]  # [B]
         scored, metrics = batch | Batch({Keys.SCORES: scores}), model_reward_metrics(batch, scores)
@@ -265,6 +267,24 @@ def shape_overlong(cfg: DictConfig, batch: Batch, metrics: Metrics) -> tuple[Bat
     }
 
 
+def agent_metrics(batch: Batch) -> Metrics:
+    """A multi-turn rollout's ``reward/...`` and ``agent/...`` metrics (means over trajectories)."""
+    scores, errors = batch[Keys.SCORES], list(batch[Keys.ENV_ERRORS])
+    reasons = list(batch[Keys.FINISH_REASON])
+    metrics = {
+        "reward/score_mean": float(scores.mean()),
+        "reward/errors": float(sum(bool(e) for e in errors)),
+        "agent/turns_mean": float(batch[Keys.NUM_TURNS].float().mean()),
+        "agent/turns_max": float(batch[Keys.NUM_TURNS].max()),
+        "agent/tool_calls_mean": float(batch[Keys.TOOL_CALLS].float().mean()),
+        "agent/tool_errors_mean": float(batch[Keys.TOOL_ERRORS].float().mean()),
+        "agent/observation_tokens_mean": float(batch[Keys.OBSERVATION_MASK].sum(-1).mean()),
+    }
+    for reason in ("length", "max_turns", "step_timeout", "env_error"):
+        metrics[f"agent/truncated_{reason}_frac"] = sum(r == reason for r in reasons) / max(len(reasons), 1)
+    return metrics
+
+
 def kl_controller(cfg: DictConfig) -> FixedKLController | None:
     """The in-reward KL coefficient's controller, or None when ``algorithm.use_kl_in_reward`` is off."""
     if not cfg.algorithm.use_kl_in_reward:
@@ -282,9 +302,11 @@ def model_reward_metrics(batch: Batch, scores: torch.Tensor) -> Metrics:
 
 
 def token_rewards(batch: Batch, kl_ctrl: FixedKLController | None, kl_estimator: str) -> tuple[torch.Tensor, Metrics]:
-    """The score on each response's last token, minus ``beta * KL`` per token when ``kl_ctrl`` is given."""
+    """The score on each response's last token (a multi-turn rollout's per-turn rewards on each turn's
+    last token), minus ``beta * KL`` per token when ``kl_ctrl`` is given."""
     mask = batch[Keys.RESPONSE_MASK]  # [B, R]
-    scores = token_scores(batch[Keys.SCORES], mask)  # [B, R]
+    # multi-turn: each turn's reward on its own last token; else the score on the response's last token
+    scores = batch[Keys.TOKEN_SCORES] if Keys.TOKEN_SCORES in batch else token_scores(batch[Keys.SCORES], mask)
     if kl_ctrl is None:
         return scores, {}
     rewards, kl = apply_kl_penalty(

@@ -105,6 +105,59 @@ class RolloutEngine(Protocol):
     def wake_up(self, tags: list[str] | None = None) -> None: ...
 
 
+@dataclass(frozen=True)
+class TurnRequest:
+    """One turn of a multi-turn trajectory: continue ``token_ids`` (prompt, earlier turns and
+    observations, exactly as sampled and inserted) for at most ``max_tokens`` tokens."""
+
+    key: str  # the trajectory's id; comes back on its TurnOutput
+    token_ids: list[int]
+    max_tokens: int
+    seed: int | None = None  # the turn's sampling seed (None: the engine's RNG)
+
+
+@dataclass(frozen=True)
+class TurnOutput:
+    """A finished turn: the sampled tokens, each with the sampler's log-prob, and why it stopped."""
+
+    key: str
+    token_ids: list[int]
+    logprobs: list[float]  # of each sampled token under the distribution it was drawn from
+    text: str  # the tokens decoded
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens or the model length)
+    stop_reason: str | int | None  # the stop string matched, the stop token id, or None (EOS / length)
+
+
+@dataclass(frozen=True)
+class TurnSampling:
+    """Sampling settings shared by every turn of a multi-turn rollout."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()  # strings that end a turn (kept in its text and tokens)
+
+
+class TurnScheduler(Protocol):
+    """The multi-turn rollout's side of ``RolloutEngine.run_turns`` (``flowrl.workers.agent_loop``)."""
+
+    def ready(self) -> list[TurnRequest]:
+        """Requests ready now (never blocks)."""
+        ...
+
+    def finished(self, outputs: list[TurnOutput]) -> None:
+        """Finished turns, as soon as the engine has them."""
+        ...
+
+    def pending(self) -> bool:
+        """Whether any trajectory is still waiting (on a tool or the environment)."""
+        ...
+
+    def wait(self) -> list[TurnRequest]:
+        """Block until some request is ready (or nothing is pending); returns them."""
+        ...
+
+
 def run_device(cfg: Any) -> str:
     """``cuda`` or ``cpu``, as the run config's ``trainer.use_gpu`` says (checked against this process)."""
     if cfg.trainer.use_gpu and not torch.cuda.is_available():

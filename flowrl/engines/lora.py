@@ -126,6 +126,15 @@ def lora_scales(model: nn.Module) -> dict[str, float]:
     return {name: float(m.scaling[ADAPTER_NAME]) for name, m in lora_layers(model).items()}  # type: ignore[index]
 
 
+def adapter_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The adapters' weights under PEFT's saved names (the adapter name dropped):
+    ``model.layers.0.self_attn.q_proj.lora_A.weight`` [r, in], ``...lora_B.weight`` [out, r]."""
+    for name, tensor in model.state_dict().items():
+        match = _ADAPTER_WEIGHT.fullmatch(name)
+        if match is not None:
+            yield f"{match['module']}.lora_{match['which']}.weight", tensor
+
+
 def is_adapter_weight(name: str) -> bool:
     return _ADAPTER_WEIGHT.fullmatch(name) is not None
 

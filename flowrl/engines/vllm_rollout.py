@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from flowrl.batch import Batch
+from flowrl.engines.base import TurnOutput, TurnRequest, TurnSampling, TurnScheduler
 from flowrl.keys import Keys
 
 # The sampled token's log-prob under the distribution it was drawn from (after
@@ -180,6 +181,7 @@ class VLLMRollout:
             extra["enable_chunked_prefill"] = False
             extra["max_num_batched_tokens"] = max(config.max_model_len, CPU_MAX_BATCHED_TOKENS)
         self._calls = 0  # generate calls so far: with T > 1 they seed the sampler
+        self._turn_ids = 0  # multi-turn requests so far (their vLLM request ids)
         caller = _CallerState.capture()
         try:
             _point_local_rank_at_current_device()
@@ -297,6 +299,43 @@ class VLLMRollout:
             result[key] = value
         return result
 
+    def run_turns(self, scheduler: TurnScheduler, sampling: TurnSampling) -> None:
+        """Generate turns of many trajectories as they become ready (multi-turn rollouts).
+
+        ``scheduler.ready()`` hands over turn requests (token ids to continue) without
+        waiting; each finished turn goes back through ``scheduler.finished`` as soon as the
+        engine step that ended it returns, so a turn waiting on a tool never holds up the
+        generation of the others. When nothing is generating, ``scheduler.wait()`` blocks
+        until a request is ready (or none is pending). Returns when nothing is pending.
+        Every request is its own vLLM request (one sample), seeded by its ``seed``; the
+        prefix cache makes re-reading a trajectory's earlier turns cheap.
+        """
+        if self.config.tensor_parallel_size != 1:
+            raise ValueError("VLLMRollout.run_turns: multi-turn rollouts need rollout.tensor_parallel_size=1")
+        from vllm.inputs import TokensPrompt
+
+        engine = self.llm.llm_engine
+        keys: dict[str, str] = {}
+
+        def submit(requests: list[TurnRequest]) -> None:
+            for r in requests:
+                rid = f"turn-{self._turn_ids}"
+                self._turn_ids += 1
+                keys[rid] = r.key
+                engine.add_request(rid, TokensPrompt(prompt_token_ids=list(r.token_ids)), _turn_params(sampling, r))
+
+        submit(scheduler.ready())
+        while True:
+            if engine.has_unfinished_requests():
+                done = [_turn_output(o, keys) for o in engine.step() if o.finished]
+                if done:
+                    scheduler.finished(done)
+                submit(scheduler.ready())
+            elif scheduler.pending():
+                submit(scheduler.wait())
+            else:
+                return
+
     # ---- weights and memory ----------------------------------------------------------
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (Hugging Face name, full tensor) pairs in place, in ONE reload.
@@ -327,6 +366,41 @@ class VLLMRollout:
         if self.sleep_enabled:
             torch.cuda.empty_cache()
             self.llm.wake_up(tags=tags)
+
+
+def _turn_params(sampling: TurnSampling, request: TurnRequest) -> Any:
+    """vLLM's SamplingParams of one turn: one sample, its log-probs, stop strings kept in the text."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=1,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        max_tokens=request.max_tokens,
+        stop=list(sampling.stop) or None,
+        include_stop_str_in_output=True,
+        logprobs=0,
+        seed=request.seed,
+    )
+
+
+def _turn_output(output: Any, keys: dict[str, str]) -> TurnOutput:
+    """A finished vLLM RequestOutput as a TurnOutput (request ids may carry a suffix vLLM added)."""
+    rid = output.request_id
+    key = keys.pop(rid, None)
+    if key is None:  # vLLM >= 0.30 may report its internal id "<ours>-<8 chars>"
+        key = keys.pop(rid.rsplit("-", 1)[0])
+    c = output.outputs[0]
+    tokens = list(c.token_ids)
+    return TurnOutput(
+        key=key,
+        token_ids=tokens,
+        logprobs=[float(lp[t].logprob) for t, lp in zip(tokens, c.logprobs)],
+        text=c.text,
+        finish_reason=str(c.finish_reason),
+        stop_reason=c.stop_reason,
+    )
 
 
 def _refresh_tied_lm_head(worker: Any) -> bool:

@@ -33,6 +33,7 @@ DEFAULT_SOURCES: dict[str, str] = {
     "openai/gsm8k": "flowrl.rewards.gsm8k:compute_score",
     "gsm8k": "flowrl.rewards.gsm8k:compute_score",
     "flowrl/arithmetic": "flowrl.tasks.arithmetic:compute_score",
+    "flowrl/tool_arithmetic": "flowrl.tasks.tool_arithmetic:compute_score",
 }
 REASONING_GYM_PREFIX = "reasoning_gym/"
 REASONING_GYM_FN = "flowrl.tasks.reasoning_gym:compute_score"

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from omegaconf import OmegaConf
 
 from flowrl.engines.rng import WORKER_RNG, capture_rng, read_rng, restore_rng
 
@@ -267,6 +268,14 @@ def run_metadata(cfg: Any) -> dict[str, Any]:
         "total_steps": int(cfg.trainer.total_steps),
         "torch": torch.__version__,
     }
+    lora = OmegaConf.select(cfg, "actor.lora")
+    if lora is not None and lora.rank > 0:  # what an export needs to rebuild the adapters (flowrl export)
+        targets = lora.target_modules
+        meta["lora"] = {
+            "rank": int(lora.rank),
+            "alpha": float(lora.alpha),
+            "target_modules": targets if isinstance(targets, str) else list(targets),
+        }
     data = getattr(cfg, "data", None)  # RL runs: the data order a sampler state belongs to
     if data is not None:
         meta["train_files"] = [os.path.abspath(f) for f in data.train_files]
@@ -279,7 +288,7 @@ def run_metadata(cfg: Any) -> dict[str, Any]:
 RESUME_MUST_MATCH = {
     "algorithm": "trainer.algorithm", "num_workers": "trainer.num_workers", "critic": "critic.enable",
     "seed": "trainer.seed", "train_files": "data.train_files", "train_batch_size": "data.train_batch_size",
-    "shuffle": "data.shuffle",
+    "shuffle": "data.shuffle", "lora": "actor.lora",
 }  # fmt: skip
 
 

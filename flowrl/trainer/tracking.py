@@ -146,6 +146,7 @@ CONSOLE_KEYS = (
     "train/loss",  # SFT
     "val/loss",
     "val/exact_match",
+    "agent/tool_calls_mean",  # multi-turn
     "timing/step",
 )
 

@@ -19,17 +19,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from flowrl.algos import aggregate, compute_policy_loss, entropy_loss, kl_loss
 from flowrl.algos.config import PolicyLossConfig
 from flowrl.batch import Batch
 from flowrl.controller import Dispatch, DispatchInfo, Worker, register
-from flowrl.engines.base import Normalizer
+from flowrl.engines.base import Normalizer, TurnSampling
 from flowrl.engines.memory import STAGE_PEAKS
+from flowrl.engines.sequences import response_lengths
 from flowrl.engines.sync import sync_weights
 from flowrl.engines.vllm_rollout import replica_info
 from flowrl.keys import Keys
+from flowrl.workers.agent_loop import AgentLoop, TurnLimits
 from flowrl.workers.checkpointing import ProcessRNG
 from flowrl.workers.engines import build_rollout, build_train_engine, worker_config
 
@@ -46,6 +48,16 @@ def old_logprobs_from_update(cfg: DictConfig, rows: int) -> bool:
     )
 
 
+def build_agent_loop(cfg: DictConfig, rollout: Any) -> AgentLoop | None:
+    """The multi-turn loop of ``rollout.multi_turn`` (None when it is off)."""
+    mt = cfg.rollout.multi_turn
+    if not mt.enable:
+        return None
+    limits = TurnLimits(mt.max_turns, cfg.rollout.max_response_length, mt.step_timeout_s)
+    kwargs = OmegaConf.to_container(mt.env_kwargs)
+    return AgentLoop(rollout, rollout.tokenizer, mt.env, kwargs, limits, mt.max_concurrent_steps)  # type: ignore[arg-type]
+
+
 class ActorRollout(ProcessRNG, Worker):
     """Hybrid worker: trains the policy with FSDP2 and samples from it with vLLM."""
 
@@ -59,6 +71,7 @@ class ActorRollout(ProcessRNG, Worker):
         )
         self.rollout = build_rollout(self.cfg, self.rank)
         self.tokenizer = self.rollout.tokenizer
+        self.agent_loop = build_agent_loop(self.cfg, self.rollout)  # None: single-turn rollouts
         self.loss_cfg: PolicyLossConfig = self.cfg.actor.policy_loss  # the typed section, as loaded
         self.sync_weights()  # vLLM loaded the checkpoint; this also proves the sync path at start-up
 
@@ -74,24 +87,29 @@ class ActorRollout(ProcessRNG, Worker):
     def generate(self, prompts: Batch, n: int = 1, temperature: float | None = None) -> Batch:
         """``n`` responses per prompt (``aabb`` order) with response ids, mask, text and sampler log-probs."""
         r = self.cfg.rollout
+        temperature = r.temperature if temperature is None else temperature
+        seeds = prompts[Keys.SAMPLE_SEEDS].tolist() if Keys.SAMPLE_SEEDS in prompts else None
         with STAGE_PEAKS("generate"):
             self.rollout.wake_up()  # GPU: weights and KV cache back (a no-op when awake, and on CPU)
-            out = self.rollout.generate(
-                prompts,
-                n=n,
-                temperature=r.temperature if temperature is None else temperature,
-                top_p=r.top_p,
-                top_k=r.top_k,
-                max_tokens=r.max_response_length,
-                ignore_eos=r.ignore_eos,
-                seeds=prompts[Keys.SAMPLE_SEEDS].tolist() if Keys.SAMPLE_SEEDS in prompts else None,
-            )
+            if self.agent_loop is not None:  # multi-turn: the model and an environment take turns
+                sampling = TurnSampling(temperature, r.top_p, r.top_k)
+                out = self.agent_loop.run(prompts, n, sampling, seeds)
+            else:
+                out = self.rollout.generate(
+                    prompts,
+                    n=n,
+                    temperature=temperature,
+                    top_p=r.top_p,
+                    top_k=r.top_k,
+                    max_tokens=r.max_response_length,
+                    ignore_eos=r.ignore_eos,
+                    seeds=seeds,
+                )
             STAGE_PEAKS.note_used("generate")  # vLLM awake: its weights and KV cache count here
             self.rollout.sleep()  # GPU: free vLLM's weights and KV cache for training (no-op on CPU)
-        ids, mask = out[Keys.RESPONSE_IDS], out[Keys.RESPONSE_MASK]
+        ids, lengths = out[Keys.RESPONSE_IDS], response_lengths(out[Keys.RESPONSE_MASK])
         out[Keys.RESPONSE_TEXT] = [
-            self.tokenizer.decode(row[: int(m.sum())].tolist(), skip_special_tokens=True)
-            for row, m in zip(ids, mask)
+            self.tokenizer.decode(row[: int(k)].tolist(), skip_special_tokens=True) for row, k in zip(ids, lengths)
         ]
         return out
 

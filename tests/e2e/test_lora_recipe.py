@@ -62,3 +62,49 @@ def test_grpo_with_lora_two_steps(tmp_path):
     assert sorted(policy.state_dict()) == sorted(base.state_dict())  # no adapter names: merged
     moved = [n for n, w in base.state_dict().items() if not torch.equal(w, policy.state_dict()[n])]
     assert moved and all("proj" in n for n in moved)  # only the adapted Linear layers changed
+
+    # flowrl export from the step folder: the merged folder equals the run's policy; the adapter
+    # alone (PEFT format) on the base model gives the same logits in transformers, and the same
+    # greedy continuations in vLLM (base model + LoRARequest) as the merged folder
+    from flowrl.cli import main as cli
+
+    step = find_latest(run / "checkpoints").path
+    assert cli(["export", str(step), "--out", str(tmp_path / "merged")]) == 0
+    assert cli(["export", str(step), "--adapter", "--out", str(tmp_path / "adapter")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert all(torch.equal(w, policy.state_dict()[n]) for n, w in merged.state_dict().items())
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    ids = torch.randint(4, 200, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(peft_model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+    import os
+
+    from tests.integration.multirank import run_plain
+
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    with_adapter, base_alone = run_plain(_vllm_greedy, str(tmp_path / "model"), str(tmp_path / "adapter"))
+    _, merged_out = run_plain(_vllm_greedy, str(tmp_path / "merged"), None)
+    assert with_adapter == merged_out and with_adapter != base_alone
+
+
+def _vllm_greedy(model: str, adapter: str | None) -> tuple[list, list]:
+    """Greedy continuations of a few prompts in vLLM: with the adapter (if any), and without."""
+    import os
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    prompts = [TokensPrompt(prompt_token_ids=[5 + i, 40, 41, 42 + i]) for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    lora = {"enable_lora": True, "max_lora_rank": 8} if adapter else {}
+    llm = LLM(model=model, max_model_len=128, enforce_eager=True, dtype="float32", **lora)
+
+    def continuations(**kw):
+        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False, **kw)]
+
+    with_adapter = continuations(lora_request=LoRARequest("policy", 1, adapter)) if adapter else []
+    return with_adapter, continuations()

@@ -92,6 +92,24 @@ CONFIG_CASES.update({  # sizes, rates and loggers refused at load time (before: 
 })
 
 
+CONFIG_CASES.update({  # multi-turn rollouts (rollout.multi_turn)
+    "env_unknown": (["rollout.multi_turn.enable=true", "rollout.multi_turn.env=chess"],
+                    "rollout.multi_turn.env='chess' is not registered; known: tools"),
+    "env_path_missing": (["rollout.multi_turn.enable=true", "rollout.multi_turn.env=no_such_pkg.envs:Game"],
+                         "cannot import module 'no_such_pkg.envs'"),
+    "env_bad_kwarg": (["rollout.multi_turn.enable=true", "rollout.multi_turn.env_kwargs.colour=red"],
+                      "rollout.multi_turn.env_kwargs do not fit environment 'tools'"),
+    "env_unknown_tool": (["rollout.multi_turn.enable=true", "rollout.multi_turn.env_kwargs.tools=[abacus]"],
+                         "tools=['abacus']: choose one or more of"),
+    "multi_turn_hf_backend": (["rollout.multi_turn.enable=true", "rollout.backend=hf"],
+                              "rollout.multi_turn.enable=true needs rollout.backend=vllm"),
+    "multi_turn_zero_turns": (["rollout.multi_turn.enable=true", "rollout.multi_turn.max_turns=0"],
+                              "rollout.multi_turn.max_turns=0 must be >= 1"),
+    "multi_turn_zero_timeout": (["rollout.multi_turn.enable=true", "rollout.multi_turn.step_timeout_s=0"],
+                                "rollout.multi_turn.step_timeout_s=0.0 must be > 0"),
+})
+
+
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES))
 def test_config_mistakes(case, files, tmp_path, capsys):
     overrides, expected = CONFIG_CASES[case]

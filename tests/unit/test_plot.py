@@ -67,7 +67,8 @@ def test_rl_run_png_with_absent_keys_skipped(tmp_path):
     assert out == str(tmp_path / "run" / "metrics.png")
     drawn = {"reward/mean", "val/accuracy", "actor/entropy", "timing/step"}
     assert set(skipped) == {"val/exact_match", "actor/pg_loss", "train/loss", "val/loss", "critic/vf_loss",
-                            "response_length/mean"}  # fmt: skip
+                            "response_length/mean", "agent/turns_mean", "agent/tool_calls_mean",
+                            "agent/tool_errors_mean"}  # fmt: skip
     assert not drawn & set(skipped)
     width, height = _png_size(out)
     assert width > height  # 4 panels: 3 columns, 2 rows
