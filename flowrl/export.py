@@ -189,22 +189,12 @@ def _merged(model: torch.nn.Module, base: str | os.PathLike) -> torch.nn.Module:
 
 
 def export_adapter(model: torch.nn.Module, lora: dict[str, Any], base: str, out: Path) -> Path:
-    """The adapters of a LoRA model in PEFT's format: ``adapter_model.safetensors`` with
-    ``base_model.model.<module>.lora_{A,B}.weight`` and ``adapter_config.json`` (what
-    ``PeftModel.from_pretrained(base_model, out)`` and vLLM's ``LoRARequest`` load)."""
-    import peft
-    from safetensors.torch import save_file
+    """The adapters of a LoRA model in PEFT's format (``flowrl.engines.lora.write_peft_adapter``):
+    what ``PeftModel.from_pretrained(base_model, out)`` and vLLM's ``LoRARequest`` load."""
+    from flowrl.engines.lora import adapter_tensors, target_names, write_peft_adapter
 
-    from flowrl.engines.lora import adapter_tensors, lora_layers
-
-    tensors = {f"base_model.model.{name}": t.detach().contiguous() for name, t in adapter_tensors(model)}
-    save_file(tensors, os.fspath(out / "adapter_model.safetensors"))
-    targets = sorted({name.rsplit(".", 1)[-1] for name in lora_layers(model)})  # "all-linear", spelt out
-    config = peft.LoraConfig(
-        r=int(lora["rank"]), lora_alpha=float(lora["alpha"]), bias="none", task_type="CAUSAL_LM",
-        target_modules=targets, base_model_name_or_path=os.path.abspath(base),
-    )  # fmt: skip
-    config.save_pretrained(os.fspath(out))
+    rank, alpha = int(lora["rank"]), float(lora["alpha"])
+    write_peft_adapter(adapter_tensors(model), rank, alpha, target_names(model), base, os.fspath(out))
     return out
 
 

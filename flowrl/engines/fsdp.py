@@ -67,6 +67,8 @@ from flowrl.engines.lora import (
     is_adapter_weight,
     lora_scales,
     merge_adapters,
+    saved_name,
+    target_names,
 )
 from flowrl.engines.optim import OptimizerConfig, build_optimizer
 from flowrl.engines.packing import (
@@ -210,6 +212,7 @@ class FSDPEngine:
         self.model.token_outputs = types.MethodType(lm_token_outputs, self.model)  # type: ignore[assignment]
         register_fsdp_forward_method(self.model, "token_outputs")
         self.lora_scales = lora_scales(self.model) if config.lora.enabled else {}  # module -> alpha / rank
+        self.lora_targets = target_names(self.model) if config.lora.enabled else []  # q_proj, ...
         # only parameters that require a gradient (with LoRA: the adapters) get optimizer state
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), config.optim)
         self.global_step = 0
@@ -541,6 +544,15 @@ class FSDPEngine:
         if not self.lora_scales:
             return gathered()
         return merge_adapters(gathered(), self.lora_scales, dtype)
+
+    @torch.no_grad()
+    def adapter_stream(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(PEFT's saved name, full fp32 tensor) of every LoRA adapter weight, nothing else
+        (collective: every rank must drain it). What an adapter-only weight sync sends."""
+        for name, tensor in self.named_tensors():
+            if is_adapter_weight(name):
+                full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+                yield saved_name(name), full.float()
 
     # ---- checkpoints and memory ------------------------------------------------
     def save(self, path: str | Path) -> None:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 ALL_LINEAR = "all-linear"  # PEFT: every nn.Linear except the output head
+SYNC_MODES = ("adapter", "merged")
 ADAPTER_NAME = "default"
 # "<module>.lora_A.default.weight" / "<module>.lora_B.default.weight"
 _ADAPTER_WEIGHT = re.compile(rf"(?P<module>.+)\.lora_(?P<which>[AB])\.{ADAPTER_NAME}\.weight")
@@ -49,6 +50,9 @@ class LoraConfig:
     # the layers that get an adapter: module names (e.g. [q_proj, k_proj, v_proj, o_proj]) or
     # all-linear (every Linear layer except the output head)
     target_modules: Any = ALL_LINEAR
+    # how new weights reach the rollout engine: adapter (only A and B, served by vLLM on the base model
+    # it loaded once; a rollout engine that serves no adapters gets merged) | merged (W + s B A, every weight)
+    sync: str = "adapter"
 
     @property
     def enabled(self) -> bool:
@@ -58,6 +62,8 @@ class LoraConfig:
 def lora_config_errors(c: Any, key: str = "actor.lora") -> list[str]:
     """What is wrong with a LoRA section (a ``LoraConfig`` or its DictConfig), one line each."""
     errors = []
+    if c.sync not in SYNC_MODES:
+        errors.append(f"{key}.sync={c.sync!r} is not one of {', '.join(SYNC_MODES)}")
     if c.rank < 0:
         errors.append(f"{key}.rank={c.rank} must be >= 0 (0: off)")
     if c.rank > 0 and c.alpha <= 0:
@@ -127,12 +133,46 @@ def lora_scales(model: nn.Module) -> dict[str, float]:
 
 
 def adapter_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The adapters' weights under PEFT's saved names (the adapter name dropped):
-    ``model.layers.0.self_attn.q_proj.lora_A.weight`` [r, in], ``...lora_B.weight`` [out, r]."""
+    """The adapters' weights under PEFT's saved names (``saved_name``)."""
     for name, tensor in model.state_dict().items():
-        match = _ADAPTER_WEIGHT.fullmatch(name)
-        if match is not None:
-            yield f"{match['module']}.lora_{match['which']}.weight", tensor
+        if is_adapter_weight(name):
+            yield saved_name(name), tensor
+
+
+def saved_name(name: str) -> str:
+    """``model.layers.0.self_attn.q_proj.lora_A.default.weight`` -> ``...q_proj.lora_A.weight``:
+    the name PEFT saves an adapter weight under (its adapter name dropped)."""
+    match = _ADAPTER_WEIGHT.fullmatch(name)
+    if match is None:
+        raise ValueError(f"{name} is not an adapter weight")
+    return f"{match['module']}.lora_{match['which']}.weight"
+
+
+def target_names(model: nn.Module) -> list[str]:
+    """The adapted layers' own names (``q_proj``, ``up_proj``, ...): ``all-linear`` spelt out."""
+    return sorted({name.rsplit(".", 1)[-1] for name in lora_layers(model)})
+
+
+def write_peft_adapter(
+    tensors: Iterable[tuple[str, torch.Tensor]], rank: int, alpha: float, targets: list[str], base: str, out: str
+) -> str:
+    """An adapter folder in PEFT's format from (saved name, full tensor) pairs:
+    ``adapter_model.safetensors`` (``base_model.model.<saved name>``) and ``adapter_config.json``.
+    ``PeftModel.from_pretrained(base_model, out)`` and vLLM's ``LoRARequest`` load it."""
+    import os
+
+    import peft
+    from safetensors.torch import save_file
+
+    os.makedirs(out, exist_ok=True)
+    weights = {f"base_model.model.{name}": t.detach().float().contiguous().cpu() for name, t in tensors}
+    save_file(weights, os.path.join(out, "adapter_model.safetensors"))
+    config = peft.LoraConfig(
+        r=int(rank), lora_alpha=float(alpha), bias="none", task_type="CAUSAL_LM", target_modules=list(targets),
+        base_model_name_or_path=os.path.abspath(base) if os.path.exists(base) else base,
+    )  # fmt: skip
+    config.save_pretrained(out)
+    return out
 
 
 def is_adapter_weight(name: str) -> bool:

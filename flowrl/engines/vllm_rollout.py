@@ -66,6 +66,7 @@ class VLLMRolloutConfig:
     attention_backend: str | None = None  # e.g. "TRITON_ATTN"; None lets vLLM choose
     pad_token_id: int | None = None  # None: the tokenizer's pad id, else its EOS id
     warmup: bool = True  # run one tiny generate with log-probs at init (compiles the sampler helper)
+    max_lora_rank: int = 0  # > 0: serve LoRA adapters up to this rank on the base model (load_adapter)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -174,6 +175,10 @@ class VLLMRollout:
         extra: dict[str, Any] = {"dtype": config.dtype}
         if config.attention_backend is not None:
             extra["attention_backend"] = config.attention_backend
+        if config.max_lora_rank > 0:
+            extra |= {"enable_lora": True, "max_lora_rank": lora_rank_slot(config.max_lora_rank), "max_loras": 1}
+        self.adapter: Any = None  # the LoRARequest every generate uses (load_adapter); None: the base model
+        self._adapter_dir: str | None = None
         if not self.on_gpu:
             # vLLM's CPU runner cannot rewind a seeded request's generator when it throws away
             # the token sampled after part of a chunked prompt ("CPU Generator does not use
@@ -227,7 +232,7 @@ class VLLMRollout:
         gives each request without a seed one drawn from ``np.random``); Python's too.
         """
         if self.config.tensor_parallel_size == 1:
-            return self.llm.generate(requests, params, use_tqdm=False)
+            return self.llm.generate(requests, params, use_tqdm=False, lora_request=self.adapter)
         caller = _CallerState.capture()
         seed = self.config.seed * 1_000_003 + self._calls
         torch.manual_seed(seed)  # also seeds every CUDA device
@@ -235,7 +240,7 @@ class VLLMRollout:
         random.seed(seed)
         self._calls += 1
         try:
-            return self.llm.generate(requests, params, use_tqdm=False)
+            return self.llm.generate(requests, params, use_tqdm=False, lora_request=self.adapter)
         finally:
             caller.restore()
 
@@ -322,7 +327,8 @@ class VLLMRollout:
                 rid = f"turn-{self._turn_ids}"
                 self._turn_ids += 1
                 keys[rid] = r.key
-                engine.add_request(rid, TokensPrompt(prompt_token_ids=list(r.token_ids)), _turn_params(sampling, r))
+                prompt = TokensPrompt(prompt_token_ids=list(r.token_ids))
+                engine.add_request(rid, prompt, _turn_params(sampling, r), lora_request=self.adapter)
 
         submit(scheduler.ready())
         while True:
@@ -350,6 +356,34 @@ class VLLMRollout:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         self.llm.collective_rpc(_refresh_tied_lm_head)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def load_adapter(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], rank: int, alpha: float, targets: list[str]
+    ) -> None:
+        """Serve a new LoRA adapter on the base model: (PEFT saved name, full tensor) pairs of A and B.
+
+        They are written as a PEFT adapter folder and every later ``generate`` samples with it
+        (a ``LoRARequest`` under a new id, so no KV block of the previous adapter is reused);
+        the previous adapter is dropped. Needs ``max_lora_rank >= rank``.
+        """
+        import shutil
+        import tempfile
+
+        from vllm.lora.request import LoRARequest
+
+        from flowrl.engines.lora import write_peft_adapter
+
+        if not 0 < rank <= self.config.max_lora_rank:
+            raise ValueError(f"VLLMRollout.load_adapter: rank {rank} needs max_lora_rank >= it (has {self.config.max_lora_rank})")
+        folder = write_peft_adapter(named_tensors, rank, alpha, targets, self.config.model_path,
+                                    tempfile.mkdtemp(prefix="flowrl-adapter-"))  # fmt: skip
+        previous, old_dir = self.adapter, self._adapter_dir
+        version = 1 if previous is None else previous.lora_int_id + 1
+        self.adapter, self._adapter_dir = LoRARequest(f"policy-{version}", version, folder), folder
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+        if old_dir is not None:
+            shutil.rmtree(old_dir, ignore_errors=True)
 
     def sleep(self, level: int = 1) -> None:
         """Free the GPU memory of weights (level 1 keeps a CPU copy) and KV cache; no-op on CPU."""
@@ -467,5 +501,14 @@ def from_run_config(cfg: Any, rank: int) -> VLLMRollout:
             enforce_eager=r.enforce_eager,
             seed=cfg.trainer.seed + replica,
             tensor_parallel_size=r.tensor_parallel_size,
+            max_lora_rank=cfg.actor.lora.rank if cfg.actor.lora.rank > 0 and cfg.actor.lora.sync == "adapter" else 0,
         )
     )
+
+
+def lora_rank_slot(rank: int) -> int:
+    """The smallest of vLLM's supported ``max_lora_rank`` values that holds ``rank``."""
+    for slot in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= slot:
+            return slot
+    raise ValueError(f"LoRA rank {rank}: vLLM serves adapters up to rank 512; use actor.lora.sync=merged")

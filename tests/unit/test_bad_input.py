@@ -105,6 +105,8 @@ CONFIG_CASES.update({  # multi-turn rollouts (rollout.multi_turn)
                               "rollout.multi_turn.enable=true needs rollout.backend=vllm"),
     "multi_turn_zero_turns": (["rollout.multi_turn.enable=true", "rollout.multi_turn.max_turns=0"],
                               "rollout.multi_turn.max_turns=0 must be >= 1"),
+    "lora_sync_unknown": (["actor.lora.rank=4", "actor.lora.sync=stream"],
+                          "actor.lora.sync='stream' is not one of adapter, merged"),
     "multi_turn_zero_timeout": (["rollout.multi_turn.enable=true", "rollout.multi_turn.step_timeout_s=0"],
                                 "rollout.multi_turn.step_timeout_s=0.0 must be > 0"),
 })
