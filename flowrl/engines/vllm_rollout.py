@@ -165,6 +165,9 @@ def _executor_kwargs(config: VLLMRolloutConfig) -> dict[str, Any]:
 class VLLMRollout:
     """Generate from token ids and load weights in place."""
 
+    adapter: Any = None  # the LoRARequest every generate uses (load_adapter); None: the base model
+    _adapter_dir: str | None = None  # where that adapter's folder is
+
     def __init__(self, config: VLLMRolloutConfig) -> None:
         from vllm import LLM
 
@@ -177,8 +180,6 @@ class VLLMRollout:
             extra["attention_backend"] = config.attention_backend
         if config.max_lora_rank > 0:
             extra |= {"enable_lora": True, "max_lora_rank": lora_rank_slot(config.max_lora_rank), "max_loras": 1}
-        self.adapter: Any = None  # the LoRARequest every generate uses (load_adapter); None: the base model
-        self._adapter_dir: str | None = None
         if not self.on_gpu:
             # vLLM's CPU runner cannot rewind a seeded request's generator when it throws away
             # the token sampled after part of a chunked prompt ("CPU Generator does not use
@@ -232,7 +233,7 @@ class VLLMRollout:
         gives each request without a seed one drawn from ``np.random``); Python's too.
         """
         if self.config.tensor_parallel_size == 1:
-            return self.llm.generate(requests, params, use_tqdm=False, lora_request=self.adapter)
+            return self.llm.generate(requests, params, use_tqdm=False, **self._lora())
         caller = _CallerState.capture()
         seed = self.config.seed * 1_000_003 + self._calls
         torch.manual_seed(seed)  # also seeds every CUDA device
@@ -240,7 +241,7 @@ class VLLMRollout:
         random.seed(seed)
         self._calls += 1
         try:
-            return self.llm.generate(requests, params, use_tqdm=False, lora_request=self.adapter)
+            return self.llm.generate(requests, params, use_tqdm=False, **self._lora())
         finally:
             caller.restore()
 
@@ -328,7 +329,7 @@ class VLLMRollout:
                 self._turn_ids += 1
                 keys[rid] = r.key
                 prompt = TokensPrompt(prompt_token_ids=list(r.token_ids))
-                engine.add_request(rid, prompt, _turn_params(sampling, r), lora_request=self.adapter)
+                engine.add_request(rid, prompt, _turn_params(sampling, r), **self._lora())
 
         submit(scheduler.ready())
         while True:
@@ -356,6 +357,10 @@ class VLLMRollout:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         self.llm.collective_rpc(_refresh_tied_lm_head)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def _lora(self) -> dict[str, Any]:
+        """The ``lora_request`` argument of a vLLM call while an adapter is served ({} otherwise)."""
+        return {} if self.adapter is None else {"lora_request": self.adapter}
 
     def load_adapter(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], rank: int, alpha: float, targets: list[str]
