@@ -33,6 +33,7 @@ from flowrl.trainer.placement import announce
 from flowrl.trainer.runtime import Runtime
 from flowrl.trainer.tracking import Timer, mean_metrics
 from flowrl.workers.actor_rollout import old_logprobs_from_update
+from flowrl.workers.agent_loop import agent_metrics
 
 Metrics = dict[str, float]
 
@@ -265,24 +266,6 @@ def shape_overlong(cfg: DictConfig, batch: Batch, metrics: Metrics) -> tuple[Bat
         "overlong/penalty_mean": float(penalty.mean()),
         "overlong/penalized_frac": float((penalty < 0).float().mean()),
     }
-
-
-def agent_metrics(batch: Batch) -> Metrics:
-    """A multi-turn rollout's ``reward/...`` and ``agent/...`` metrics (means over trajectories)."""
-    scores, errors = batch[Keys.SCORES], list(batch[Keys.ENV_ERRORS])
-    reasons = list(batch[Keys.FINISH_REASON])
-    metrics = {
-        "reward/score_mean": float(scores.mean()),
-        "reward/errors": float(sum(bool(e) for e in errors)),
-        "agent/turns_mean": float(batch[Keys.NUM_TURNS].float().mean()),
-        "agent/turns_max": float(batch[Keys.NUM_TURNS].max()),
-        "agent/tool_calls_mean": float(batch[Keys.TOOL_CALLS].float().mean()),
-        "agent/tool_errors_mean": float(batch[Keys.TOOL_ERRORS].float().mean()),
-        "agent/observation_tokens_mean": float(batch[Keys.OBSERVATION_MASK].sum(-1).mean()),
-    }
-    for reason in ("length", "max_turns", "step_timeout", "env_error"):
-        metrics[f"agent/truncated_{reason}_frac"] = sum(r == reason for r in reasons) / max(len(reasons), 1)
-    return metrics
 
 
 def kl_controller(cfg: DictConfig) -> FixedKLController | None:

@@ -61,10 +61,9 @@ def sync_weights(
 
 
 def serves_adapters(trainer: TrainEngine, rollout: RolloutEngine) -> bool:
-    """Whether the trainer has LoRA adapters and the rollout engine takes them alone."""
-    return bool(getattr(trainer, "lora_scales", None)) and getattr(rollout, "config", None) is not None and (
-        getattr(rollout.config, "max_lora_rank", 0) > 0  # type: ignore[attr-defined]
-    )
+    """Whether the trainer has LoRA adapters and the rollout engine takes them alone (an engine
+    that can offers ``serves_adapters`` and ``load_adapter``; one without them gets merged weights)."""
+    return bool(getattr(trainer, "lora_scales", None)) and bool(getattr(rollout, "serves_adapters", False))
 
 
 def sync_adapter(trainer: Any, rollout: Any, wake_kv_cache: bool = True) -> dict[str, float]:

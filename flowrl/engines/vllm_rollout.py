@@ -358,6 +358,11 @@ class VLLMRollout:
         self.llm.collective_rpc(_refresh_tied_lm_head)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
+    @property
+    def serves_adapters(self) -> bool:
+        """Whether this engine takes LoRA adapters alone (``load_adapter``): started with ``max_lora_rank``."""
+        return self.config.max_lora_rank > 0
+
     def _lora(self) -> dict[str, Any]:
         """The ``lora_request`` argument of a vLLM call while an adapter is served ({} otherwise)."""
         return {} if self.adapter is None else {"lora_request": self.adapter}

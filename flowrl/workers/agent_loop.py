@@ -249,3 +249,21 @@ def trajectory_fields(trajectories: list[Trajectory], width: int, pad: int) -> d
         Keys.TOOL_ERRORS: torch.tensor([t.tool_errors for t in trajectories], dtype=torch.int64),
         Keys.ENV_ERRORS: [t.error for t in trajectories],
     }
+
+
+def agent_metrics(batch: Batch) -> dict[str, float]:
+    """A multi-turn rollout's ``reward/...`` and ``agent/...`` metrics (means over trajectories)."""
+    scores, errors = batch[Keys.SCORES], list(batch[Keys.ENV_ERRORS])
+    reasons = list(batch[Keys.FINISH_REASON])
+    metrics = {
+        "reward/score_mean": float(scores.mean()),
+        "reward/errors": float(sum(bool(e) for e in errors)),
+        "agent/turns_mean": float(batch[Keys.NUM_TURNS].float().mean()),
+        "agent/turns_max": float(batch[Keys.NUM_TURNS].max()),
+        "agent/tool_calls_mean": float(batch[Keys.TOOL_CALLS].float().mean()),
+        "agent/tool_errors_mean": float(batch[Keys.TOOL_ERRORS].float().mean()),
+        "agent/observation_tokens_mean": float(batch[Keys.OBSERVATION_MASK].sum(-1).mean()),
+    }
+    for reason in ("length", "max_turns", "step_timeout", "env_error"):
+        metrics[f"agent/truncated_{reason}_frac"] = sum(r == reason for r in reasons) / max(len(reasons), 1)
+    return metrics
