@@ -210,6 +210,13 @@ class PlacementConfig:
     # CPUs reserved per worker (per GPU on GPU); its torch threads follow them. null: a node's CPUs
     # divided among the workers placed on it (at start, from the Ray cluster's resources)
     cpus_per_worker: float | None = None
+    # split placement (docs/async.md): > 0 puts rollout on that many workers of its own (one GPU each
+    # on GPU), fed weights over the collective backend; 0: the colocated hybrid (rollout in the actor's processes)
+    rollout_workers: int = 0
+    # split only: rollouts may be sampled by a policy up to this many versions behind the one being
+    # trained (asynchronous RL); new weights reach the rollout workers mid-generation. 0: synchronous
+    max_staleness: int = 0
+    sync_timeout_s: float = 600.0  # a weight sync, or a wait for a rollout batch, longer than this stops the run
 
 
 SEPARABLE_ROLES = ("critic", "reward_model", "teacher")
@@ -456,6 +463,33 @@ def validate(cfg: Any, where: str = "config") -> None:
     _check_registered(cfg, where)
     _check_estimator(cfg, where, spec)
     _check_multi_turn(cfg, where)
+    _check_split(cfg, where)
+
+
+def _check_split(cfg: Any, where: str) -> None:
+    """The split placement and asynchronous mode (docs/async.md): what they do not support yet is refused."""
+    p = cfg.placement
+    _check(p.rollout_workers >= 0, where, f"placement.rollout_workers={p.rollout_workers} must be >= 0")
+    _check(p.max_staleness >= 0, where, f"placement.max_staleness={p.max_staleness} must be >= 0")
+    _check(p.sync_timeout_s > 0, where, f"placement.sync_timeout_s={p.sync_timeout_s} must be > 0")
+    _check(
+        p.max_staleness == 0 or p.rollout_workers > 0,
+        where,
+        f"placement.max_staleness={p.max_staleness} needs rollout workers of their own: set placement.rollout_workers",
+    )
+    if p.rollout_workers == 0:
+        return
+    split = f"placement.rollout_workers={p.rollout_workers} (split placement)"
+    _check(cfg.rollout.backend == "vllm", where, f"{split} needs rollout.backend=vllm, not {cfg.rollout.backend!r}")
+    _check(not cfg.rollout.multi_turn.enable, where, f"{split} does not run multi-turn rollouts yet; use the colocated placement")
+    _check(cfg.actor.lora.rank == 0, where, f"{split} does not sync LoRA adapters yet; use the colocated placement")
+    _check(cfg.rollout.tensor_parallel_size == 1, where, f"{split} needs rollout.tensor_parallel_size=1")
+    _check(
+        p.max_staleness == 0 or not cfg.algorithm.dynamic_sampling.enable,
+        where,
+        f"placement.max_staleness={p.max_staleness} with algorithm.dynamic_sampling: sampling rounds ahead of "
+        "the trainer is not supported; use max_staleness=0",
+    )
 
 
 def _check_multi_turn(cfg: Any, where: str) -> None:

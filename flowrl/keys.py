@@ -15,6 +15,7 @@ class Keys:
     RESPONSE_MASK = "response_mask"  # [B, R] float32, 1 up to and including the first EOS
     TRUNCATED = "truncated"  # [B] bool, the response hit max length without EOS
     ROLLOUT_LOGPROBS = "rollout_logprobs"  # [B, R] float32, log-probs from the sampler (vLLM)
+    TOKEN_VERSIONS = "token_versions"  # [B, R] int64, policy version that sampled each token (-1: none; split placement)
     OLD_LOGPROBS = "old_logprobs"  # [B, R] float32, trainer log-probs before the update
     REF_LOGPROBS = "ref_logprobs"  # [B, R] float32, reference-policy log-probs
     TEACHER_LOGPROBS = "teacher_logprobs"  # [B, R] float32, distillation teacher's log-probs of the sampled tokens

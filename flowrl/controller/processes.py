@@ -56,6 +56,7 @@ class Processes:
         start_timeout_s: float,
         hang_timeout_s: float | None = None,
         log_paths: list[str] | None = None,
+        concurrency: int = 1,
     ) -> None:
         names = "+".join(cls.__name__ for cls, _, _ in roles.values())
         pool.claim(f"group {names}")
@@ -66,8 +67,11 @@ class Processes:
         self.dead: str | None = None
         self.log_paths = log_paths  # rank r's stdout and stderr go to log_paths[r]; None: to Ray
         host: Any = ray.remote(WorkerHost)
+        # concurrency > 1: a threaded actor serving that many calls at once (a rollout worker takes
+        # weights while it generates); 1: one call at a time, on the process's main thread
+        threads = {"max_concurrency": concurrency} if concurrency > 1 else {}
         self.actors: list[Any] = [
-            host.options(**pool.actor_options(i)).remote(self.log_path(i)) for i in range(self.world_size)
+            host.options(**pool.actor_options(i), **threads).remote(self.log_path(i)) for i in range(self.world_size)
         ]
         try:
             self.pids = self._start(

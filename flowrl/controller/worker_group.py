@@ -71,6 +71,7 @@ class WorkerGroup:
         start_timeout_s: float = 300.0,
         hang_timeout_s: float | None = None,
         log_path: str | None = None,
+        concurrency: int = 1,
     ) -> dict[str, WorkerGroup]:
         """Several roles in one process per bundle; returns one group view per role.
 
@@ -78,11 +79,12 @@ class WorkerGroup:
         in each process, an ``Actor`` and a ``Ref``; ``groups["actor"].generate(...)`` calls
         the actor role with its own dispatch modes. The roles share the process, its
         devices and its ``torch.distributed`` world; shutting one view down stops them all.
-        ``log_path`` and ``env`` are those of one group (see the class).
+        ``log_path`` and ``env`` are those of one group (see the class); ``concurrency`` > 1 lets each
+        process serve that many calls at once (threads).
         """
         specs = {role: _role_spec(role, spec) for role, spec in roles.items()}
         logs = rank_log_paths(log_path, pool.num_bundles)
-        procs = Processes(pool, specs, env, failure_grace_s, start_timeout_s, hang_timeout_s, logs)
+        procs = Processes(pool, specs, env, failure_grace_s, start_timeout_s, hang_timeout_s, logs, concurrency)
         views = {}
         for role, (worker_cls, _, _) in specs.items():
             view = cls.__new__(cls)

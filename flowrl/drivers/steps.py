@@ -31,6 +31,7 @@ from flowrl.rewards import reward_metrics
 from flowrl.trainer.faults import TrainingDiverged
 from flowrl.trainer.placement import announce
 from flowrl.trainer.runtime import Runtime
+from flowrl.trainer.split_rollout import step_seeds
 from flowrl.trainer.tracking import Timer, mean_metrics
 from flowrl.workers.actor_rollout import old_logprobs_from_update
 from flowrl.workers.agent_loop import agent_metrics
@@ -76,6 +77,11 @@ def sample(rt: Runtime, timer: Timer, n: int) -> tuple[Batch, Metrics]:
             return score(rt, batch)
 
     ds, cfg = rt.cfg.algorithm.dynamic_sampling, rt.cfg
+    if rt.split is not None and not ds.enable:  # split placement: the rollout queue (max_staleness)
+        with timer("generate"):
+            batch = rt.split.step_batch(rt.step, n, lambda prompts, step: with_groups_and_seeds(rt, prompts, step))
+        with timer("reward"):
+            return score(rt, batch)
     if not ds.enable:
         return one_round()
     p = cfg.placement
@@ -175,7 +181,8 @@ class RolloutWeightsMismatch(TrainingDiverged):
 
 
 def check_rollout_mismatch(cfg: DictConfig, step: int, batch: Batch) -> Metrics:
-    """Stop the run when mean |old_logprobs - rollout_logprobs| over valid tokens exceeds
+    """Stop the run when mean |old_logprobs - rollout_logprobs| over valid tokens (with
+    ``TOKEN_VERSIONS``: those the policy being trained sampled, version ``step - 1``) exceeds
     ``actor.policy_loss.max_logprob_diff`` (null: ``expected_logprob_diff`` of the dtypes);
     else the whole batch's figures of the configured correction (``rollout/masked_token_frac``, ...).
 
@@ -184,7 +191,10 @@ def check_rollout_mismatch(cfg: DictConfig, step: int, batch: Batch) -> Metrics:
     if Keys.ROLLOUT_LOGPROBS not in batch:
         return {}
     mask, old, rollout_lp = batch[Keys.RESPONSE_MASK], batch[Keys.OLD_LOGPROBS], batch[Keys.ROLLOUT_LOGPROBS]
-    diff = float(rollout_mismatch(old, rollout_lp, mask)["rollout_logprob_diff_mean"])
+    fresh = mask  # [B, R] the tokens the policy being trained sampled: only they show whether a sync took
+    if Keys.TOKEN_VERSIONS in batch:  # split placement: older versions' tokens differ by design
+        fresh = mask * (batch[Keys.TOKEN_VERSIONS] == step - 1).to(mask.dtype)
+    diff = float(rollout_mismatch(old, rollout_lp, fresh)["rollout_logprob_diff_mean"]) if fresh.any() else 0.0
     pl = cfg.actor.policy_loss
     band = pl.max_logprob_diff
     if band is None:
@@ -216,11 +226,13 @@ def learn(rt: Runtime, timer: Timer, batch: Batch, metrics: Metrics) -> Metrics:
         batch = batch | rt.actor.take_old_logprobs(batch)
         metrics |= check_rollout_mismatch(rt.cfg, rt.step, batch)
     with timer("weight_sync"):
-        metrics |= sync_metrics(rt.actor.sync_weights())
+        metrics |= sync_metrics(rt.actor.sync_weights()) if rt.split is None else rt.split.send_weights(rt.step)
     if rt.cfg.trainer.use_gpu:
         metrics |= max_over_ranks(rt.actor.memory_stats())  # memory/<stage>_peak_gib, _used_gib
     metrics |= rollout_metrics(batch)
     metrics |= timer.metrics()
+    if rt.split is not None:  # staleness, the rollout queue, both sides' idle time
+        metrics |= rt.split.step_metrics(rt.step, batch, metrics["timing/step"])
     tokens = float(batch[Keys.RESPONSE_MASK].sum() + batch[Keys.PROMPT_MASK].sum())
     metrics["perf/tokens_per_s"] = tokens / metrics["timing/step"]
     return metrics
@@ -232,11 +244,18 @@ def learn(rt: Runtime, timer: Timer, batch: Batch, metrics: Metrics) -> Metrics:
 
 def rollout(rt: Runtime, prompts: Batch, n: int, temperature: float | None = None) -> Batch:
     """``n`` responses per prompt; samples of one prompt share a contiguous ``GROUP_IDS`` value."""
+    return rt.generate(with_groups_and_seeds(rt, prompts), n=n, temperature=temperature)
+
+
+def with_groups_and_seeds(rt: Runtime, prompts: Batch, step: int | None = None) -> Batch:
+    """The prompts with ``GROUP_IDS`` 0..B-1 and (``rollout.seed_per_prompt``) ``SAMPLE_SEEDS``: those of
+    the runtime's next rollout call, or of ``step``'s first (a rollout submitted ahead of its step)."""
     prompts = prompts.clone()
     prompts[Keys.GROUP_IDS] = torch.arange(len(prompts))  # [B]
     if rt.cfg.rollout.seed_per_prompt:
-        prompts[Keys.SAMPLE_SEEDS] = rt.rollout_seeds(len(prompts))  # [B]
-    return rt.actor.generate(prompts, n=n, temperature=temperature)
+        seeds = rt.rollout_seeds(len(prompts)) if step is None else step_seeds(rt.cfg.trainer.seed, step, 0, len(prompts))
+        prompts[Keys.SAMPLE_SEEDS] = seeds  # [B]
+    return prompts
 
 
 def score(rt: Runtime, batch: Batch) -> tuple[Batch, Metrics]:

@@ -179,7 +179,7 @@ def evaluate(rt: Runtime, chunk: int = 64, samples_path: str | None = None) -> M
     scores, samples = [], []
     for start in range(0, n, chunk):
         prompts = rt.val_data.collate(list(range(start, min(n, start + chunk))))
-        out = rt.actor.generate(prompts, n=1, temperature=rt.cfg.rollout.val_temperature)
+        out = rt.generate(prompts, n=1, temperature=rt.cfg.rollout.val_temperature)
         # a multi-turn rollout comes scored by its environment
         scores.append(out[Keys.SCORES] if Keys.NUM_TURNS in out else rt.rewards.score(out)[Keys.SCORES])
         fields = (out[Keys.PROMPT_TEXT], out[Keys.RESPONSE_TEXT], out[Keys.GROUND_TRUTH], scores[-1].tolist())

@@ -31,19 +31,20 @@ from flowrl.controller.ray_init import QUIET, node_cpus
 from flowrl.controller.worker import Worker
 
 ROLE_OF = {"critic": "critic", "reward_model": "rm", "teacher": "teacher"}  # placement.separate name -> runtime role
+ROLLOUT_CONCURRENCY = 3  # a rollout worker serves generate, receive_weights and stats at once
 
 
 def total_workers(cfg: DictConfig) -> int:
     """Devices (GPU) or CPU bundles the run reserves: the actor's plus each separate role's."""
     p = cfg.placement
-    return cfg.trainer.num_workers + p.separate_workers * len(p.separate)
+    return cfg.trainer.num_workers + p.separate_workers * len(p.separate) + p.rollout_workers
 
 
 def workers_per_node(cfg: DictConfig) -> int:
     """Workers on the busiest node: the actor's share of a node, plus every separate role's
     workers (each such pool is packed onto one node, which may be the actor's)."""
     p = cfg.placement
-    return cfg.trainer.num_workers // p.nnodes + p.separate_workers * len(p.separate)
+    return cfg.trainer.num_workers // p.nnodes + p.separate_workers * len(p.separate) + p.rollout_workers
 
 
 def announce(cfg: DictConfig, line: str) -> None:
@@ -152,7 +153,7 @@ def place_workers(cfg: DictConfig, roles: Mapping[str, type[Worker]]) -> dict[st
     classes, in build order. Returns one group view per role.
     """
     p, t = cfg.placement, cfg.trainer
-    separate = {ROLE_OF[name] for name in p.separate}
+    separate = {ROLE_OF[name] for name in p.separate} | {"rollout"}  # rollout workers: split placement
     shared = {role: cls for role, cls in roles.items() if role not in separate}
     cpus = cpus_per_worker(cfg)
     options = {"hang_timeout_s": first_hang_timeout(t.hang_timeout_s), "env": {"OMP_NUM_THREADS": str(worker_threads(cpus)[0])}}
@@ -161,8 +162,10 @@ def place_workers(cfg: DictConfig, roles: Mapping[str, type[Worker]]) -> dict[st
     groups = WorkerGroup.colocated(pool, shared, log_path=log_pattern(cfg, "worker"), **options)
     for role, cls in roles.items():
         if role in separate:
-            own = ResourcePool(p.separate_workers, use_gpu=t.use_gpu, num_cpus_per_bundle=cpus)
-            groups |= WorkerGroup.colocated(own, {role: cls}, log_path=log_pattern(cfg, role), **options)
+            count = p.rollout_workers if role == "rollout" else p.separate_workers
+            own = ResourcePool(count, use_gpu=t.use_gpu, num_cpus_per_bundle=cpus)
+            threads = ROLLOUT_CONCURRENCY if role == "rollout" else 1
+            groups |= WorkerGroup.colocated(own, {role: cls}, log_path=log_pattern(cfg, role), concurrency=threads, **options)
     return groups
 
 
@@ -170,7 +173,8 @@ def announce_workers(cfg: DictConfig, shared: list[str], separate: list[str], cp
     """``starting 2 workers (actor, ref), 1 CPU thread each ...``, then where their output goes."""
     p, t = cfg.placement, cfg.trainer
     threads, source = worker_threads(cpus)
-    extra = "".join(f" + {plural(p.separate_workers, 'worker')} ({role})" for role in separate)
+    count = {role: p.rollout_workers if role == "rollout" else p.separate_workers for role in separate}
+    extra = "".join(f" + {plural(count[role], 'worker')} ({role})" for role in separate)
     why = " (from OMP_NUM_THREADS)" if source == "OMP_NUM_THREADS" else ""
     each = f"{plural(threads, 'CPU thread')} each{why}"
     announce(cfg, f"starting {plural(t.num_workers, 'worker')} ({', '.join(shared)}){extra}, {each} ...")
@@ -178,7 +182,7 @@ def announce_workers(cfg: DictConfig, shared: list[str], separate: list[str], cp
     if pattern is None:
         return
     files = [shown_log_files(pattern, t.num_workers)]
-    files += [shown_log_files(log_pattern(cfg, role) or "", p.separate_workers) for role in separate]
+    files += [shown_log_files(log_pattern(cfg, role) or "", count[role]) for role in separate]
     announce(cfg, f"worker output: {' '.join(files)} (trainer.worker_logs=console shows it here)")
 
 

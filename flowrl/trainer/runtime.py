@@ -24,11 +24,13 @@ from flowrl.trainer.placement import announce, connect_ray, hang_timeout_for, pl
 from flowrl.trainer.preflight import check_run_inputs, load_inputs
 from flowrl.keys import Keys
 from flowrl.rewards import RewardRunner
+from flowrl.trainer.split_rollout import AheadLoader, SplitRollout, step_seeds
 from flowrl.trainer.tracking import Tracker
 from flowrl.workers.actor_rollout import ActorRollout
 from flowrl.workers.critic import Critic
 from flowrl.workers.reference import Reference
 from flowrl.workers.reward_model import RewardModel
+from flowrl.workers.rollout import RolloutWorker
 from flowrl.workers.teacher import Teacher
 
 
@@ -45,6 +47,7 @@ class Runtime:
     tokenizer: Any
     rm: WorkerGroup | None = None  # a learned reward model; None: the rule rewards score
     teacher: WorkerGroup | None = None  # the distillation teacher (teacher.path); None: no teacher
+    split: SplitRollout | None = None  # placement.rollout_workers > 0: rollout on workers of its own
     groups: dict[str, WorkerGroup] = field(default_factory=dict)
     step: int = 0  # the training step under way (set by the loop); seeds its rollouts
     _rollouts_in_step: int = 0
@@ -52,14 +55,21 @@ class Runtime:
 
     def begin_step(self, step: int) -> None:
         self.step, self._rollouts_in_step = step, 0
+        if self.split is not None:
+            self.split.begin(step)
 
     def rollout_seeds(self, n_prompts: int) -> torch.Tensor:
         """One sampling seed per prompt, a function of (trainer.seed, step, rollout call in the
         step, prompt index) only, so a resumed run samples what an uninterrupted one did.  -> [B]"""
-        key = [int(self.cfg.trainer.seed), self.step, self._rollouts_in_step]
+        seeds = step_seeds(int(self.cfg.trainer.seed), self.step, self._rollouts_in_step, n_prompts)  # [B]
         self._rollouts_in_step += 1
-        seeds = np.random.SeedSequence(key).generate_state(n_prompts, dtype=np.uint32)
-        return torch.from_numpy(seeds.astype(np.int64))  # [B]
+        return seeds
+
+    def generate(self, prompts: Batch, n: int, temperature: float | None = None) -> Batch:
+        """``n`` responses per prompt from the current policy: the actor's engines, or the rollout workers."""
+        if self.split is not None:
+            return self.split.generate(prompts, n=n, temperature=temperature)
+        return self.actor.generate(prompts, n=n, temperature=temperature)
 
     def next_prompts(self) -> Batch:
         """The next training prompts; a new epoch starts when one ends."""
@@ -81,7 +91,8 @@ class Runtime:
         run_dir = self.cfg.trainer.run_dir
         OmegaConf.save(self.cfg, os.path.join(run_dir, "config.yaml"))
         with open(os.path.join(run_dir, "processes.json"), "w") as f:
-            json.dump({"driver": os.getpid(), "workers": self.actor.pids, "logs": self.actor.log_paths}, f)
+            rollout = {} if self.split is None else {"rollout": self.split.rollout.pids}
+            json.dump({"driver": os.getpid(), "workers": self.actor.pids, "logs": self.actor.log_paths} | rollout, f)
 
     def shutdown(self) -> None:
         self.rewards.close()
@@ -123,11 +134,17 @@ def build_runtime(cfg: DictConfig) -> Runtime:
         roles["rm"] = RewardModel
     if cfg.teacher is not None:
         roles["teacher"] = Teacher
+    if cfg.placement.rollout_workers > 0:
+        roles["rollout"] = RolloutWorker
     groups = place_workers(cfg, roles)  # colocated with the actor unless placement.separate says not
     for group in groups.values():
         group.init_model(cfg)  # the typed, read-only config as loaded
     announce(cfg, f"workers ready in {time.monotonic() - started:.1f} s (Ray: {started - ray_started:.1f} s)")
 
+    split = None
+    if "rollout" in groups:
+        loader = AheadLoader(loader)
+        split = SplitRollout(cfg, groups["actor"], groups["rollout"], loader)
     rewards = RewardRunner.from_config(OmegaConf.to_object(cfg.reward))
     os.makedirs(t.run_dir, exist_ok=True)
     tracker = Tracker(t.run_dir, list(t.loggers), OmegaConf.to_container(cfg, resolve=True), total_steps=t.total_steps, quiet=t.quiet)
@@ -144,4 +161,5 @@ def build_runtime(cfg: DictConfig) -> Runtime:
         rm=groups.get("rm"),
         teacher=groups.get("teacher"),
         groups=groups,
+        split=split,
     )

