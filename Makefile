@@ -12,7 +12,7 @@ demo: install
 test: install
 	$(PY) scripts/check_rules.py
 	bash scripts/test_lower_bounds.sh
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=30 tests
 
 test-lower-bounds:
 	bash scripts/test_lower_bounds.sh
