@@ -85,9 +85,13 @@ class _Endpoint:
 class WeightSender(_Endpoint):
     """The trainer's rank 0 end: hosts the rendezvous and broadcasts each bucket."""
 
-    def __init__(self, manifest: Manifest, dtype: torch.dtype, bucket_bytes: int, world_size: int, device: torch.device) -> None:
+    def __init__(
+        self, manifest: Manifest, dtype: torch.dtype, bucket_bytes: int, world_size: int, device: torch.device,
+        host: str | None = None,
+    ) -> None:  # fmt: skip
+        """``host``: the address the receivers reach this process at (default: this host name's)."""
         super().__init__(manifest, dtype, bucket_bytes, device)
-        host = socket.gethostbyname(socket.gethostname())
+        host = host or socket.gethostbyname(socket.gethostname())
         self.store = dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False)
         self.address = SyncAddress(host, int(self.store.port), world_size)
 

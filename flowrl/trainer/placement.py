@@ -31,7 +31,12 @@ from flowrl.controller.ray_init import QUIET, node_cpus
 from flowrl.controller.worker import Worker
 
 ROLE_OF = {"critic": "critic", "reward_model": "rm", "teacher": "teacher"}  # placement.separate name -> runtime role
-ROLLOUT_CONCURRENCY = 3  # a rollout worker serves generate, receive_weights and stats at once
+
+def rollout_concurrency(max_staleness: int) -> int:
+    """Calls a rollout worker serves at once: the K+1 queued generates, receive_weights and stats,
+    so new weights are never held up behind the queue."""
+    return max_staleness + 3
+
 
 
 def total_workers(cfg: DictConfig) -> int:
@@ -164,7 +169,7 @@ def place_workers(cfg: DictConfig, roles: Mapping[str, type[Worker]]) -> dict[st
         if role in separate:
             count = p.rollout_workers if role == "rollout" else p.separate_workers
             own = ResourcePool(count, use_gpu=t.use_gpu, num_cpus_per_bundle=cpus)
-            threads = ROLLOUT_CONCURRENCY if role == "rollout" else 1
+            threads = rollout_concurrency(p.max_staleness) if role == "rollout" else 1
             groups |= WorkerGroup.colocated(own, {role: cls}, log_path=log_pattern(cfg, role), concurrency=threads, **options)
     return groups
 

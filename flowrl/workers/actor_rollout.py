@@ -135,7 +135,9 @@ class ActorRollout(ProcessRNG, Worker):
         r = self.cfg.rollout
         manifest = [(name, tuple(t.shape)) for name, t in self.trainer.named_tensors()]  # type: ignore[attr-defined]
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.sender = WeightSender(manifest, DTYPES[r.dtype], r.sync_bucket_mb * 2**20, 1 + rollout_workers, device)
+        bucket = r.sync_bucket_mb * 2**20
+        # the node address Ray gave this group (MASTER_ADDR of rank 0 is its own): reachable from other nodes
+        self.sender = WeightSender(manifest, DTYPES[r.dtype], bucket, 1 + rollout_workers, device, self.master_addr)
         return self.sender.address, manifest
 
     @register(Dispatch.ONE_TO_ALL)

@@ -4,7 +4,8 @@ With ``placement.rollout_workers`` the trainer (``ActorRollout`` without an engi
 rollout engines live in different processes. Each rollout worker holds the policy version
 it has loaded; new weights arrive over the weight-sync group (``flowrl.engines.weight_transfer``)
 in a call of their own (``receive_weights``), which runs while ``generate`` is under way (the
-process serves a few calls at once), and wait in an inbox. ``generate`` takes them:
+process serves several calls at once, ``flowrl.trainer.placement.rollout_concurrency``), and
+wait in an inbox. ``generate`` takes them:
 
 - before it starts, until it holds at least ``min_version`` (the staleness bound the driver
   asks for), waiting up to ``placement.sync_timeout_s``;
@@ -34,7 +35,6 @@ from flowrl.keys import Keys
 from flowrl.workers.engines import worker_config
 
 Metrics = dict[str, float]
-CONCURRENCY = 3  # calls served at once: generate, receive_weights, and a status call
 
 
 class RolloutVersionTimeout(RuntimeError):

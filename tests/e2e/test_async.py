@@ -95,16 +95,32 @@ def saved_step(run_dir) -> int:
     return latest.step if latest is not None else 0
 
 
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+
+
+def busy(pid: int, window_s: float = 0.1) -> bool:
+    """Whether ``pid`` used at least half a CPU over the next ``window_s`` seconds."""
+    before = cpu_ticks(pid)
+    time.sleep(window_s)
+    return cpu_ticks(pid) - before >= 0.5 * window_s * os.sysconf("SC_CLK_TCK")
+
+
 def kill_after_checkpoint(proc, run_dir, step: int, side: str) -> tuple[int, float, str]:
-    """SIGKILL the ``side`` process ("rollout" or "workers" rank 1) once step ``step`` is saved;
-    returns the run's exit status, seconds from the kill to its end, and its first error line."""
+    """SIGKILL the ``side`` process ("rollout" or "workers" rank 1) once step ``step`` is saved and
+    the process is at work (``busy``: the rollout worker mid-generation, the trainer rank mid-step);
+    returns the run's exit status, seconds from the kill to its end, and its last error line."""
     deadline = time.monotonic() + 400
     while saved_step(run_dir) < step:
         assert proc.poll() is None, f"the run ended (status {proc.returncode}) before step {step} was saved"
         assert time.monotonic() < deadline, "timed out waiting for a checkpoint"
         time.sleep(0.05)
-    pids = json.loads((Path(run_dir) / "processes.json").read_text())[side]
-    os.kill(pids[-1], signal.SIGKILL)
+    pid = json.loads((Path(run_dir) / "processes.json").read_text())[side][-1]
+    while not busy(pid):  # generating (the rollout worker) or computing (a trainer rank), not waiting
+        assert proc.poll() is None and time.monotonic() < deadline, "the process never got busy"
+    os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
     status = finish(proc, timeout=120)
     lines = [ln for ln in (Path(run_dir) / "stderr.txt").read_text().splitlines() if ln.startswith("flowrl train:")]
