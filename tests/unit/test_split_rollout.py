@@ -3,6 +3,7 @@ checkpoint position while rollouts run ahead, and the config checks."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -92,6 +93,8 @@ BASE = ["actor.model.path=/m", "data.train_files=[/t]", "rollout.n=2"]
     ],
 )
 def test_split_settings_it_cannot_honour_are_refused_in_one_line(overrides, words) -> None:
+    if "actor.lora.rank=8" in overrides and importlib.util.find_spec("peft") is None:
+        pytest.skip("LoRA settings are checked only where peft is installed")
     with pytest.raises(ConfigError) as e:
         load_config(None, BASE + overrides)
     assert words in str(e.value) and "\n" not in str(e.value)
