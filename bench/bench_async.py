@@ -24,12 +24,12 @@ import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from flowrl.config import load_config  # noqa: E402
-from flowrl.drivers.sft import train_sft  # noqa: E402
-from flowrl.models.tiny import make_tiny_model  # noqa: E402
-from flowrl.quickstart import MODEL, QuickstartConfig, grpo_overrides, sft_config  # noqa: E402
-from flowrl.tasks.arithmetic import write_splits  # noqa: E402
-from flowrl.trainer.tracking import read_metrics  # noqa: E402
+from flowrl.config import load_config
+from flowrl.drivers.sft import train_sft
+from flowrl.models.tiny import make_tiny_model
+from flowrl.quickstart import MODEL, QuickstartConfig, grpo_overrides, sft_config
+from flowrl.tasks.arithmetic import write_splits
+from flowrl.trainer.tracking import read_metrics
 
 PLACEMENTS = {
     "colocated": [],
@@ -41,7 +41,7 @@ PLACEMENTS = {
 def summarize(run_dir: str) -> dict[str, float]:
     rows = [r for r in read_metrics(run_dir) if "actor/pg_loss" in r]
     later = rows[2:] or rows
-    mean = lambda key: statistics.mean(r[key] for r in later) if key in later[0] else float("nan")  # noqa: E731
+    mean = lambda key: statistics.mean(r[key] for r in later) if key in later[0] else float("nan")
     return {
         "step_s_median": statistics.median(r["timing/step"] for r in later),
         "trainer_idle_frac": mean("async/trainer_idle_frac"),

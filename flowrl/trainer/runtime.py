@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,10 +19,10 @@ from flowrl.algos import get_estimator
 from flowrl.batch import Batch
 from flowrl.controller import WorkerGroup
 from flowrl.data import DataLoader, PromptDataset
-from flowrl.trainer.placement import announce, connect_ray, hang_timeout_for, place_workers, shutdown_groups
-from flowrl.trainer.preflight import check_run_inputs, load_inputs
 from flowrl.keys import Keys
 from flowrl.rewards import RewardRunner
+from flowrl.trainer.placement import announce, connect_ray, hang_timeout_for, place_workers, shutdown_groups
+from flowrl.trainer.preflight import check_run_inputs, load_inputs
 from flowrl.trainer.split_rollout import AheadLoader, SplitRollout, step_seeds
 from flowrl.trainer.tracking import Tracker
 from flowrl.workers.actor_rollout import ActorRollout

@@ -1,7 +1,7 @@
 """DAPO's dynamic sampling and soft overlong punishment (Yu et al. 2025, arXiv:2503.14476).
 
 The pure functions are checked against loops written from the paper's definitions; the
-refill loop of the controller (``steps.fill_informative`` / ``steps.sample``) runs with a fake
+refill loop of the controller (``sampling.fill_informative`` / ``steps.sample``) runs with a fake
 generator and fake rewards over a real ``DataLoader``, so the sampler positions and seeds a
 checkpoint would hold are the real ones.
 """
@@ -17,7 +17,7 @@ from flowrl.algos import informative_groups, overlong_penalty
 from flowrl.batch import Batch
 from flowrl.config import load_config
 from flowrl.data import DataLoader
-from flowrl.drivers import steps
+from flowrl.drivers import sampling, steps
 from flowrl.keys import Keys
 from flowrl.trainer.runtime import Runtime
 from flowrl.trainer.tracking import Timer
@@ -100,7 +100,7 @@ def test_refill_keeps_informative_groups_until_the_batch_is_full():
         _round([[1, 0], [1, 1], [0.5, 0]], width=4),  # 2 more: the batch holds 3
         _round([[0, 1], [1, 0], [1, 0]], width=3),  # 3 more: 6 >= 4, cut to 4
     )
-    batch, m = steps.fill_informative(_rounds(one, two, three), groups=4, max_rounds=5)
+    batch, m = sampling.fill_informative(_rounds(one, two, three), groups=4, max_rounds=5)
     assert m["dynamic_sampling/rounds"] == 3 and m["dynamic_sampling/sampled_groups"] == 9
     assert m["dynamic_sampling/dropped_groups"] == 3 and m["dynamic_sampling/kept_groups"] == 4
     assert m["dynamic_sampling/short"] == 0.0
@@ -117,26 +117,26 @@ def test_refill_keeps_informative_groups_until_the_batch_is_full():
 
 def test_one_round_is_enough_when_every_group_varies():
     full = _round([[0, 1], [1, 0]])
-    batch, m = steps.fill_informative(_rounds(full), groups=2, max_rounds=3)
+    batch, m = sampling.fill_informative(_rounds(full), groups=2, max_rounds=3)
     assert m["dynamic_sampling/rounds"] == 1 and m["dynamic_sampling/dropped_groups"] == 0
     assert batch[Keys.SCORES].tolist() == full[Keys.SCORES].tolist()
 
 
 def test_short_after_the_cap_trains_on_what_it_has_cut_to_the_ranks():
     patterns = ([[1, 1], [0, 1], [1, 0], [1, 1]], [[1, 1], [1, 1], [0, 1], [0, 0]])
-    batch, m = steps.fill_informative(_rounds(*map(_round, patterns)), groups=4, max_rounds=2, multiple=4)
+    batch, m = sampling.fill_informative(_rounds(*map(_round, patterns)), groups=4, max_rounds=2, multiple=4)
     # 3 informative groups of 2 samples; 4 ranks split the batch: 2 groups (4 samples) are kept
     assert m["dynamic_sampling/short"] == 1.0 and m["dynamic_sampling/rounds"] == 2
     assert m["dynamic_sampling/kept_groups"] == 2 and len(batch) == 4
     assert batch[Keys.GROUP_IDS].tolist() == [0, 0, 1, 1]
     # 3 groups (6 samples) split evenly over 2 ranks: all of them are kept
-    batch, _ = steps.fill_informative(_rounds(*map(_round, patterns)), groups=4, max_rounds=2, multiple=2)
+    batch, _ = sampling.fill_informative(_rounds(*map(_round, patterns)), groups=4, max_rounds=2, multiple=2)
     assert len(batch) == 6 and batch[Keys.GROUP_IDS].tolist() == [0, 0, 1, 1, 2, 2]
 
 
 def test_no_informative_group_within_the_cap_takes_the_first_round_as_sampled():
     first, second = _round([[1, 1], [0, 0]]), _round([[1, 1], [1, 1]])
-    batch, m = steps.fill_informative(_rounds(first, second), groups=2, max_rounds=2)
+    batch, m = sampling.fill_informative(_rounds(first, second), groups=2, max_rounds=2)
     assert m["dynamic_sampling/short"] == 1.0 and m["dynamic_sampling/kept_groups"] == 2
     assert batch[Keys.SCORES].tolist() == first[Keys.SCORES].tolist()
 
@@ -251,7 +251,7 @@ def test_sample_warns_in_one_line_when_the_cap_leaves_the_step_short(tmp_path, c
 def test_the_note_on_a_short_step_says_when_it_trains_on_the_first_round():
     m = {"dynamic_sampling/sampled_groups": 8.0, "dynamic_sampling/dropped_groups": 8.0,
          "dynamic_sampling/kept_groups": 4.0, "dynamic_sampling/rounds": 2.0}  # fmt: skip
-    note = steps.short_step_note(m, wanted=4)
+    note = sampling.short_step_note(m, wanted=4)
     assert note.startswith("dynamic sampling found 0 of the 4 groups") and note.endswith("the first round as sampled")
 
 
@@ -282,6 +282,6 @@ def test_overlong_shaping_is_added_to_the_scores(tmp_path):
 def test_merged_rounds_take_extremes_sum_counts_and_weight_means():
     rounds = [(2, {"reward/max": 0.5, "reward/min": 0.0, "reward/mean": 0.25, "reward/errors": 1.0}),
               (6, {"reward/max": 1.0, "reward/min": 0.25, "reward/mean": 0.75, "reward/errors": 2.0})]
-    merged = steps.merge_rounds(rounds)
+    merged = sampling.merge_rounds(rounds)
     assert merged == {"reward/max": 1.0, "reward/min": 0.0, "reward/mean": (2 * 0.25 + 6 * 0.75) / 8,
                       "reward/errors": 3.0}

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
+from flowrl.batch import Batch
 from flowrl.config import ConfigError, load_config
 from flowrl.data.sampler import DataLoader
-from flowrl.batch import Batch
 from flowrl.engines.inflight import continuation_seed
 from flowrl.engines.weight_transfer import plan_buckets
 from flowrl.trainer.split_rollout import AheadLoader, staleness_metrics, step_seeds
