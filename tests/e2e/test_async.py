@@ -22,29 +22,13 @@ from pathlib import Path
 import pytest
 
 from flowrl.config import load_config
-from flowrl.drivers.sft import train_sft
-from flowrl.models.tiny import make_tiny_model
-from flowrl.quickstart import MODEL, QuickstartConfig, grpo_overrides, sft_config
-from flowrl.tasks.arithmetic import write_splits
+from flowrl.quickstart import grpo_overrides
 from flowrl.trainer.checkpoint import find_latest
 from flowrl.trainer.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 VOLATILE = ("timing/", "perf/", "async/")  # wall-clock keys, and the split run's own
-
-
-@pytest.fixture(scope="module")
-def warm(tmp_path_factory):
-    """A tiny model after SFT on the quickstart's arithmetic data (half the demonstrations restate
-    the equation, which the scorer counts wrong): GRPO's reward then teaches the bare answer."""
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    root = tmp_path_factory.mktemp("async")
-    cfg = QuickstartConfig(out_dir=str(root), sft_steps=150, quiet=True)
-    data = write_splits(root / "data", cfg.n_train, cfg.n_test, cfg.level, 0, style="symbols", restate_fraction=0.5)
-    make_tiny_model(root / "base", MODEL, seed=0)
-    train_sft(sft_config(cfg, str(root / "base"), data))
-    return cfg, str(root / "sft" / "model"), data
 
 
 def overrides(warm, run_dir, *extra):

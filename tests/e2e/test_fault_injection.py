@@ -1,6 +1,8 @@
 """Fault injection on real runs of ``flowrl train`` (subprocesses; real Ray, FSDP2, vLLM on CPU).
 
-1. Bitwise resume: an uninterrupted 5-step run is the reference. A second run is SIGKILLed
+1. Bitwise resume, with LoRA adapters on the policy (only A and B train; the checkpoint holds them,
+   their optimizer state and the frozen base) and a reward that varies within a group, so every
+   step moves the adapters: an uninterrupted 5-step run is the reference. A second run is SIGKILLed
    while it saves the step-3 checkpoint, resumed (from step 2, an epoch boundary: 16
    prompts, 8 per step), stopped by Ctrl-C (SIGINT to its process group, as a terminal sends it)
    during step 3 (the step finishes and is saved), and
@@ -92,12 +94,20 @@ def stable(rows):
     return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
 
 
+# the full-parameter path resumes bitwise in test_ppo_resume_restores_critic_and_kl_controller_bitwise (below)
+# and in test_sft_rm_resume.py
+LORA = [
+    "actor.lora.rank=4", "actor.lora.alpha=8", "actor.lora.target_modules=all-linear", "actor.optim.lr=1e-2",
+    "reward.function=tests.e2e.dapo_rewards:half_all_equal",
+]  # fmt: skip
+
+
 def test_sigkill_mid_save_then_ctrl_c_then_longer_run_resume_bitwise(assets, tmp_path):
     reference, run = tmp_path / "reference", tmp_path / "run"
-    assert finish(start(assets, reference, "trainer.total_steps=5")) == 0
+    assert finish(start(assets, reference, "trainer.total_steps=5", *LORA)) == 0
 
     # SIGKILL the driver (and its process group) while it writes the step-3 checkpoint
-    proc = start(assets, run, "trainer.total_steps=4")
+    proc = start(assets, run, "trainer.total_steps=4", *LORA)
     wait_for(proc, lambda: (run / "checkpoints" / "step_00000003.tmp").exists(), poll=0.002)
     pids = worker_pids(run)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -109,7 +119,7 @@ def test_sigkill_mid_save_then_ctrl_c_then_longer_run_resume_bitwise(assets, tmp
     assert not any(alive(pid) for pid in pids), "workers outlived their killed driver and its Ray node"
 
     # resume (step 2: an epoch boundary) and press Ctrl-C during step 3
-    proc = start(assets, run, "trainer.total_steps=4", "trainer.resume=auto", "trainer.save_every=0")
+    proc = start(assets, run, "trainer.total_steps=4", "trainer.resume=auto", "trainer.save_every=0", *LORA)
     wait_for(proc, lambda: "resumed from" in (run / "stderr.txt").read_text())  # step 3 starts now
     pids = worker_pids(run)
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the driver's whole process group
@@ -121,11 +131,13 @@ def test_sigkill_mid_save_then_ctrl_c_then_longer_run_resume_bitwise(assets, tmp
     assert not any(alive(pid) for pid in pids), "worker processes outlived the driver"
 
     # resume with more steps than the first attempt asked for
-    assert finish(start(assets, run, "trainer.total_steps=5", "trainer.resume=auto")) == 0
+    assert finish(start(assets, run, "trainer.total_steps=5", "trainer.resume=auto", *LORA)) == 0
     ref_rows, rows = read_metrics(str(reference)), read_metrics(str(run))
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == [0, 1, 2, 3, 4, 5, 5]
     assert stable(rows) == stable(ref_rows)
     assert rows[3]["step"] == 3 and ref_rows[3]["reward/mean"] == rows[3]["reward/mean"]
+    assert all(r["actor/grad_norm"] > 0 for r in rows if "actor/grad_norm" in r)  # the adapters did move
+    assert all(r["rollout/logprob_diff_max"] < 1e-3 for r in rows if "rollout/logprob_diff_max" in r)
 
 
 def test_a_killed_worker_stops_the_run_within_60_s_naming_role_rank_and_cause(assets, tmp_path):
