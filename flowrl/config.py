@@ -125,6 +125,10 @@ class ActorConfig:
     # one epoch of one mini-batch (and no in-reward KL): take the old log-probs, detached, from the
     # update's own forward instead of a separate pass (the same values; one forward fewer per step)
     fuse_old_logprobs: bool = True
+    # memory handover: while vLLM generates, the trainer's parameters and optimizer state wait in host
+    # memory (pinned) and its gradients are dropped, so the KV cache can take their device memory
+    # (docs/hybrid_engine.md); restored bitwise before the next pass. Colocated placement, fsdp backend
+    offload: bool = False
     use_kl_loss: bool = False  # KL to the reference as a loss term (GRPO style)
     kl_loss_coef: float = 0.001  # weight of the KL loss term (with use_kl_loss)
     kl_loss_type: str = "k3"  # k1 | k2 | k3 | abs
@@ -483,6 +487,7 @@ def _check_split(cfg: Any, where: str) -> None:
     _check(cfg.rollout.backend == "vllm", where, f"{split} needs rollout.backend=vllm, not {cfg.rollout.backend!r}")
     _check(not cfg.rollout.multi_turn.enable, where, f"{split} does not run multi-turn rollouts yet; use the colocated placement")
     _check(cfg.actor.lora.rank == 0, where, f"{split} does not sync LoRA adapters yet; use the colocated placement")
+    _check(not cfg.actor.offload, where, f"actor.offload frees the device for a colocated vLLM engine; {split} has none")
     _check(cfg.rollout.tensor_parallel_size == 1, where, f"{split} needs rollout.tensor_parallel_size=1")
     _check(
         p.max_staleness == 0 or not cfg.algorithm.dynamic_sampling.enable,
@@ -581,6 +586,11 @@ def _check_lora(actor: Any, where: str) -> None:
         lora.rank == 0 or actor.backend == "fsdp",
         where,
         f"actor.lora.rank={lora.rank}: LoRA is applied by the fsdp training engine, not actor.backend={actor.backend!r}",
+    )
+    _check(
+        not actor.offload or actor.backend == "fsdp",
+        where,
+        f"actor.offload: the fsdp training engine offloads its state, not actor.backend={actor.backend!r}",
     )
     _check(
         lora.rank == 0 or importlib.util.find_spec("peft") is not None,

@@ -143,8 +143,8 @@ def learn(rt: Runtime, timer: Timer, batch: Batch, metrics: Metrics) -> Metrics:
         metrics |= check_rollout_mismatch(rt.cfg, rt.step, batch)
     with timer("weight_sync"):
         metrics |= sync_metrics(rt.actor.sync_weights()) if rt.split is None else rt.split.send_weights(rt.step)
-    if rt.cfg.trainer.use_gpu:
-        metrics |= max_over_ranks(rt.actor.memory_stats())  # memory/<stage>_peak_gib, _used_gib
+    if rt.cfg.trainer.use_gpu or rt.cfg.actor.offload:  # memory/<stage>_peak_gib, _used_gib, offloaded_gib
+        metrics |= max_over_ranks(rt.actor.memory_stats())
     metrics |= rollout_metrics(batch)
     metrics |= timer.metrics()
     if rt.split is not None:  # staleness, the rollout queue, both sides' idle time

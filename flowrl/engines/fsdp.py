@@ -34,7 +34,7 @@ import contextlib
 import copy
 import os
 import types
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -57,7 +57,7 @@ from torch.distributed.tensor import DTensor
 
 from flowrl.algos.aggregate import loss_counts, reduce_metric
 from flowrl.batch import Batch
-from flowrl.engines.base import LossFn, Metrics, Normalizer, run_device
+from flowrl.engines.base import LossFn, Normalizer, run_device
 from flowrl.engines.dcp_safety import check_dcp_metadata
 from flowrl.engines.distributed import init_process_group
 from flowrl.engines.lora import (
@@ -70,6 +70,7 @@ from flowrl.engines.lora import (
     saved_name,
     target_names,
 )
+from flowrl.engines.offload import HostCopy
 from flowrl.engines.optim import OptimizerConfig, build_optimizer
 from flowrl.engines.packing import (
     Layout,
@@ -216,6 +217,7 @@ class FSDPEngine:
         # only parameters that require a gradient (with LoRA: the adapters) get optimizer state
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), config.optim)
         self.global_step = 0
+        self._host_copy = HostCopy()  # offload / onload
 
     @property
     def hf_model(self) -> PreTrainedModel:
@@ -612,26 +614,25 @@ class FSDPEngine:
     def _engine_state(self) -> dict[str, Any]:
         return {"scheduler": self.scheduler.state_dict(), "global_step": self.global_step}
 
-    def offload(self) -> None:
-        """Move parameters and optimizer state to CPU (GPU only; on CPU there is nothing to free)."""
-        self._move_to(torch.device("cpu"))
+    def offload(self) -> int:
+        """Release the device memory of the parameters and optimizer state (their bytes wait in host
+        memory, ``flowrl.engines.offload.HostCopy``) and drop the gradients; returns the bytes moved.
+        Nothing may use the model or the optimizer until ``onload``."""
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._host_copy.offload(self._state_tensors())
 
     def onload(self) -> None:
-        self._move_to(self.device)
+        """Bring back what ``offload`` released, bitwise (a no-op when nothing is offloaded)."""
+        self._host_copy.onload()
 
-    @torch.no_grad()
-    def _move_to(self, device: torch.device) -> None:
-        if self.device.type == "cpu":
-            return
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.to(device)  # FSDP2 re-registers the sharded parameters after the move
+    def _state_tensors(self) -> Iterator[torch.Tensor]:
+        """This rank's shards of every parameter, and every optimizer state tensor but the step counts."""
+        for p in self.model.parameters():
+            yield p.to_local() if isinstance(p, DTensor) else p
         for state in self.optimizer.state.values():
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor) and key != "step":
-                    state[key] = value.to(device, non_blocking=True)
-        torch.cuda.synchronize()
-        if device.type == "cpu":
-            torch.cuda.empty_cache()
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    yield value.to_local() if isinstance(value, DTensor) else value
 
 
 def from_run_config(

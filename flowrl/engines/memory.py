@@ -19,7 +19,9 @@ Two figures per stage, in GiB:
   weights and KV cache included) at the points where the stage calls ``note_used``,
   or at its end.
 
-Repeated stages within one ``pop`` keep their maximum. On a process without CUDA
+``note`` adds the memory handover's figure (``memory/offloaded_gib``: the trainer state that
+left the device while vLLM generated, ``actor.offload``). Repeated stages within one ``pop``
+keep their maximum. On a process without CUDA
 every call is a no-op and ``pop`` returns ``{}``, so the CPU path pays nothing.
 """
 
@@ -61,6 +63,11 @@ class StagePeaks:
             return
         free, total = torch.cuda.mem_get_info()
         self._keep_max(f"memory/{stage}_used_gib", (total - free) / GIB)
+
+    def note(self, name: str, gib: float) -> None:
+        """Record a figure of the step's memory handover under ``memory/<name>`` (on CPU too: the
+        bytes a trainer offloads are the same wherever it runs)."""
+        self._keep_max(f"memory/{name}", gib)
 
     def _keep_max(self, key: str, value: float) -> None:
         self._peaks[key] = max(value, self._peaks.get(key, 0.0))

@@ -96,6 +96,8 @@ class ActorRollout(ProcessRNG, Worker):
         temperature = r.temperature if temperature is None else temperature
         seeds = prompts[Keys.SAMPLE_SEEDS].tolist() if Keys.SAMPLE_SEEDS in prompts else None
         with STAGE_PEAKS("generate"):
+            if self.cfg.actor.offload:  # the trainer's state waits in host memory while vLLM generates
+                STAGE_PEAKS.note("offloaded_gib", self.trainer.offload() / 2**30)  # type: ignore[attr-defined]
             self.rollout.wake_up()  # GPU: weights and KV cache back (a no-op when awake, and on CPU)
             if self.agent_loop is not None:  # multi-turn: the model and an environment take turns
                 sampling = TurnSampling(temperature, r.top_p, r.top_k)
@@ -113,6 +115,8 @@ class ActorRollout(ProcessRNG, Worker):
                 )
             STAGE_PEAKS.note_used("generate")  # vLLM awake: its weights and KV cache count here
             self.rollout.sleep()  # GPU: free vLLM's weights and KV cache for training (no-op on CPU)
+            if self.cfg.actor.offload:
+                self.trainer.onload()  # type: ignore[attr-defined]
         ids, lengths = out[Keys.RESPONSE_IDS], response_lengths(out[Keys.RESPONSE_MASK])
         out[Keys.RESPONSE_TEXT] = [
             self.tokenizer.decode(row[: int(k)].tolist(), skip_special_tokens=True) for row, k in zip(ids, lengths)
@@ -123,7 +127,9 @@ class ActorRollout(ProcessRNG, Worker):
     def sync_weights(self) -> Metrics:
         """Stream the FSDP2 weights into vLLM in place; returns seconds, bytes and GB/s."""
         with STAGE_PEAKS("weight_sync"):
-            return sync_weights(self.trainer, self.rollout, self.cfg.rollout.sync_bucket_mb * 2**20)
+            # with actor.offload the KV cache wakes in generate, once the trainer's state has left the device
+            bucket = self.cfg.rollout.sync_bucket_mb * 2**20
+            return sync_weights(self.trainer, self.rollout, bucket, wake_kv_cache=not self.cfg.actor.offload)
 
     # ---- split placement: weights to the rollout workers (flowrl.engines.weight_transfer) ----
     @register(Dispatch.ONE_TO_ALL)

@@ -2,7 +2,9 @@
 one rollout worker with real vLLM, weights over gloo (docs/async.md).
 
 1. ``max_staleness=0`` on the split placement reproduces the colocated synchronous run bitwise:
-   every logged metric but wall-clock ones is equal, step by step.
+   every logged metric but wall-clock ones is equal, step by step. The colocated run offloads its
+   trainer state around each generation (``actor.offload``), so this also shows the memory
+   handover changes no number.
 2. ``max_staleness=2`` (through ``flowrl train``, a subprocess) learns the arithmetic task from
    an SFT warm start, and no step's tokens are more than 2 policy versions old. Along the way the
    rollout worker is SIGKILLed mid-generation and then a trainer rank mid-step: each stops the run
@@ -28,7 +30,7 @@ from flowrl.trainer.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-VOLATILE = ("timing/", "perf/", "async/")  # wall-clock keys, and the split run's own
+VOLATILE = ("timing/", "perf/", "async/", "memory/")  # wall-clock keys, the split run's own, memory handover
 
 
 def overrides(warm, run_dir, *extra):
@@ -46,12 +48,15 @@ def stable(rows):
 def test_split_placement_with_staleness_0_equals_the_synchronous_run_bitwise(warm, tmp_path):
     from flowrl.drivers import grpo
 
-    grpo.main(load_config(None, overrides(warm, tmp_path / "sync", "trainer.total_steps=3")))
+    # the colocated run also hands the device over (actor.offload): its trainer state leaves and comes
+    # back around every generation, which must change nothing
+    grpo.main(load_config(None, overrides(warm, tmp_path / "sync", "trainer.total_steps=3", "actor.offload=true")))
     split = ["trainer.total_steps=3", "placement.rollout_workers=1", "placement.max_staleness=0"]
     grpo.main(load_config(None, overrides(warm, tmp_path / "split", *split)))
     sync, k0 = read_metrics(str(tmp_path / "sync")), read_metrics(str(tmp_path / "split"))
     assert [r["step"] for r in k0] == [r["step"] for r in sync] == [0, 1, 2, 3, 3]
     assert stable(k0) == stable(sync)
+    assert all(r["memory/offloaded_gib"] > 0 for r in sync if "actor/pg_loss" in r)
     steps = [r for r in k0 if "actor/pg_loss" in r]
     assert all(r["async/staleness_max"] == 0 and r["async/swaps"] == 0 for r in steps)
     assert steps[0]["reward/mean"] > 0 and "async/rollout_idle_frac" in steps[0]

@@ -239,6 +239,37 @@ def _step_checks(engine: FSDPEngine, local: Batch, ckpt_dir: str) -> dict:
     res["resume_param_diff"] = max(
         float((params_after_save[k] - v).abs().max()) for k, v in full_params(engine).items()
     )
+    res.update(_offload_checks(engine, local, ckpt_dir, res["after_save"], params_after_save))
+    return res
+
+
+def _offload_checks(engine: FSDPEngine, local: Batch, ckpt_dir: str, want_metrics: dict, want_params: dict) -> dict:
+    """Offload releases every shard and optimizer state tensor; onload restores them bitwise; the
+    step after an offload/onload round trip equals the step without one."""
+    engine.load(ckpt_dir)
+    engine.accumulate_gradients(local, token_mean_nll, micro_batch_size=2)  # gradients exist: offload drops them
+    tensors = list(engine._state_tensors())
+    before = [t.clone() for t in tensors]
+    moved = engine.offload()
+    res = {
+        "offload_bytes": moved,
+        "offload_state_bytes": sum(t.numel() * t.element_size() for t in before),
+        "offload_released": all(t.untyped_storage().nbytes() == 0 for t in tensors),
+        "offload_grads_dropped": all(p.grad is None for p in engine.model.parameters()),
+        "offload_tensor_count": len(tensors),
+        "offload_optimizer_tensors": sum(
+            len([v for v in s.values() if v.dim() > 0]) for s in engine.optimizer.state.values()
+        ),
+    }
+    engine.onload()
+    res["onload_bitwise"] = all(torch.equal(a, b) for a, b in zip(before, tensors))
+    res["onload_same_storages"] = [t.untyped_storage().data_ptr() for t in tensors] == [
+        t.untyped_storage().data_ptr() for t in engine._state_tensors()
+    ]  # the optimizer still updates the tensors the model computes with
+    engine.onload()  # a second onload is a no-op
+    metrics = engine.train_step(local, token_mean_nll, micro_batch_size=2)
+    res["offload_step_equal"] = metrics == want_metrics
+    res["offload_step_param_equal"] = all(torch.equal(want_params[k], v) for k, v in full_params(engine).items())
     return res
 
 
@@ -354,6 +385,17 @@ def test_train_step_updates_skips_nan_and_resumes(results: list[dict]) -> None:
         assert r["after_load"]["loss"] == r["after_save"]["loss"]
         assert r["after_load"]["grad_norm"] == r["after_save"]["grad_norm"]
         assert r["resume_param_diff"] == 0.0
+
+
+def test_offload_releases_the_state_and_onload_restores_it_bitwise(results: list[dict]) -> None:
+    for r in results:
+        assert r["offload_released"] and r["offload_grads_dropped"], r
+        # every parameter shard and both AdamW moments of each (the step counts stay)
+        assert r["offload_optimizer_tensors"] > 0 and r["offload_tensor_count"] > r["offload_optimizer_tensors"]
+        assert r["offload_bytes"] >= r["offload_state_bytes"] > 0  # whole storages (a shard may be a padded view)
+        assert r["onload_bitwise"] and r["onload_same_storages"], r
+        # the step after the round trip is the step without it: same metrics, same parameters bitwise
+        assert r["offload_step_equal"] and r["offload_step_param_equal"], r
 
 
 def test_critic_values_and_update(results: list[dict]) -> None:

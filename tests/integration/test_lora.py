@@ -124,6 +124,12 @@ def _engine_checks(rank: int, model_dir: str, hf_dir: str, ckpt_dir: str) -> dic
         dtypes[p.requires_grad].add(str(p.dtype))
     res["bf16_dtypes"] = {k: sorted(v) for k, v in dtypes.items()}
     res["bf16_steps"] = [bf16.train_step(local, token_mean_nll, micro_batch_size=2) for _ in range(2)]
+    # the memory handover with a bf16 base and fp32 adapters: every storage leaves and comes back bitwise
+    lp_before, _ = bf16.compute_logprobs(local, 1.0, micro_batch_size=2)
+    moved = bf16.offload()
+    res["bf16_offload_released"] = moved > 0 and all(t.untyped_storage().nbytes() == 0 for t in bf16._state_tensors())
+    bf16.onload()
+    res["bf16_onload_same_logprobs"] = torch.equal(bf16.compute_logprobs(local, 1.0, micro_batch_size=2)[0], lp_before)
     return res
 
 
@@ -172,6 +178,7 @@ def test_frozen_base_in_the_rollout_dtype(engine_results: list[dict]) -> None:
     for r in engine_results:
         assert r["bf16_dtypes"] == {False: ["torch.bfloat16"], True: ["torch.float32"]}
         assert all(s["skipped"] == 0.0 and s["grad_norm"] > 0 for s in r["bf16_steps"])
+        assert r["bf16_offload_released"] and r["bf16_onload_same_logprobs"]
 
 
 def _sync_checks(rank: int, trainer_dir: str, rollout_dir: str) -> dict:

@@ -54,6 +54,11 @@ def test_defaults_recipe_and_overrides_layer(recipe):
         (["actor.lora.target_modules=attention"], "actor.lora.target_modules='attention': give a list"),
         (["actor.lora.target_modules=[]"], "actor.lora.target_modules=[]: give a non-empty list"),
         (["actor.lora.rank=4", "actor.backend=mine"], "LoRA is applied by the fsdp training engine"),
+        (["actor.offload=true", "actor.backend=mine"], "actor.offload: the fsdp training engine offloads its state"),
+        (
+            ["actor.offload=true", "placement.rollout_workers=1"],
+            "actor.offload frees the device for a colocated vLLM engine; placement.rollout_workers=1",
+        ),
     ],
 )
 def test_bad_values_name_the_key(recipe, overrides, message):
