@@ -486,7 +486,6 @@ def _check_split(cfg: Any, where: str) -> None:
     split = f"placement.rollout_workers={p.rollout_workers} (split placement)"
     _check(cfg.rollout.backend == "vllm", where, f"{split} needs rollout.backend=vllm, not {cfg.rollout.backend!r}")
     _check(not cfg.rollout.multi_turn.enable, where, f"{split} does not run multi-turn rollouts yet; use the colocated placement")
-    _check(cfg.actor.lora.rank == 0, where, f"{split} does not sync LoRA adapters yet; use the colocated placement")
     _check(not cfg.actor.offload, where, f"actor.offload frees the device for a colocated vLLM engine; {split} has none")
     _check(cfg.rollout.tensor_parallel_size == 1, where, f"{split} needs rollout.tensor_parallel_size=1")
     _check(

@@ -26,7 +26,7 @@ import torch
 
 from flowrl.batch import Batch
 from flowrl.data.padding import left_pad
-from flowrl.data.rows import RowRef, check_prompt_row, read_files
+from flowrl.data.rows import Prompt, RowRef, as_messages, check_prompt_row, read_files
 from flowrl.keys import Keys
 
 if TYPE_CHECKING:
@@ -87,6 +87,11 @@ def render_chat(
     return text
 
 
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, ref: RowRef | str) -> str:
+    """Chat messages through the chat template; plain text as it is."""
+    return prompt if isinstance(prompt, str) else render_chat(tokenizer, prompt, ref)
+
+
 def tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text, without special tokens added by the tokenizer."""
     if not texts:
@@ -106,7 +111,7 @@ class PromptDataset:
         self.config = config
         self.pad_id = pad_token_id(tokenizer)
         rows = [(ref, check_prompt_row(row, ref)) for ref, row in read_files(paths)]
-        texts = [render_chat(tokenizer, row["prompt"], ref) for ref, row in rows]
+        texts = [render_prompt(tokenizer, row["prompt"], ref) for ref, row in rows]
         all_ids = tokenize_texts(tokenizer, texts)
         self.items: list[PromptItem] = []
         self.stats = {"n_rows": len(rows), "n_filtered": 0, "n_truncated": 0, "n_kept": 0}
@@ -147,7 +152,7 @@ class PromptDataset:
 
 def _item(row: dict[str, Any], text: str, ids: list[int]) -> PromptItem:
     return PromptItem(
-        messages=row["prompt"],
+        messages=as_messages(row["prompt"]),
         prompt_text=text,
         prompt_ids=ids,
         ground_truth=row["reward_model"]["ground_truth"],

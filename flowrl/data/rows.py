@@ -7,8 +7,12 @@ The row format is the field's de facto standard (the one verl-prepared datasets 
      "reward_model": {"style": "rule", "ground_truth": "5"},
      "extra_info": {"split": "train", "index": 0}}                 # optional dict
 
-SFT rows add ``response`` (a string) or carry ``messages`` ending with an assistant turn;
-preference rows carry ``prompt``, ``chosen`` and ``rejected``. Every error names the
+``prompt`` may also be plain text (TRL's "standard" format): it is then the model's input as it
+is, with no chat template, which is also how a base model without a template is prompted.
+SFT rows add ``response`` (a string; TRL's ``completion`` is read as the same, a string or one
+assistant message) or carry ``messages`` ending with an assistant turn; preference rows carry
+``prompt``, ``chosen`` and ``rejected`` (strings, or conversations ending with the assistant's
+answer, as TRL writes them, the prompt then also implicit in their shared beginning). Every error names the
 file, the row (0-based; JSONL also gives the 1-based line) and the field.
 """
 
@@ -145,6 +149,25 @@ def check_messages(messages: Any, ref: RowRef, field: str) -> list[dict[str, str
     return out
 
 
+Prompt = list[dict[str, str]] | str  # chat messages, or plain text used as it is (no chat template)
+
+
+def check_prompt(value: Any, ref: RowRef, field: str = "prompt") -> Prompt:
+    """Chat messages (a non-empty list), or plain non-empty text."""
+    if isinstance(value, str):
+        if not value:
+            raise ref.error(field, "empty string in")
+        return value
+    if not isinstance(value, list):
+        raise ref.error(field, f"expected chat messages (a list) or text, got {type(value).__name__} in")
+    return check_messages(value, ref, field)
+
+
+def as_messages(prompt: Prompt) -> list[dict[str, str]]:
+    """The prompt as chat messages (plain text: one user turn), e.g. for an environment's ``reset``."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
 def check_str(row: Row, ref: RowRef, field: str, allow_empty: bool = False) -> str:
     value = require_field(row, ref, field)
     if not isinstance(value, str):
@@ -156,7 +179,7 @@ def check_str(row: Row, ref: RowRef, field: str, allow_empty: bool = False) -> s
 
 def check_prompt_row(row: Row, ref: RowRef) -> Row:
     """Validate an RL prompt row; returns it normalised (extra_info always a dict)."""
-    messages = check_messages(require_field(row, ref, "prompt"), ref, "prompt")
+    prompt = check_prompt(require_field(row, ref, "prompt"), ref)
     data_source = check_str(row, ref, "data_source")
     reward_model = require_field(row, ref, "reward_model")
     if not isinstance(reward_model, dict):
@@ -168,7 +191,7 @@ def check_prompt_row(row: Row, ref: RowRef) -> Row:
         raise ref.error("reward_model.ground_truth", "missing")
     extra = check_extra_info(row, ref)
     return {
-        "prompt": messages,
+        "prompt": prompt,
         "data_source": data_source,
         "reward_model": {"style": style, "ground_truth": reward_model.get("ground_truth")},
         "extra_info": extra,

@@ -4,10 +4,14 @@ SFT rows are either ``{"prompt": [messages], "response": str}`` or
 ``{"messages": [..., {"role": "assistant", "content": str}]}``. A sequence is
 ``chat_template(prompt, add_generation_prompt=True) + response + EOS``; the loss mask
 is 1 exactly on the response tokens and the EOS (the tokens the model must learn to emit).
+TRL's prompt-completion rows read the same way: ``completion`` is the response (text, or one
+assistant message), and a plain-text ``prompt`` is the model's input as it is (no template).
 
 Preference rows are ``{"prompt": [messages], "chosen": str, "rejected": str}``; both
 sequences are built the same way and right-padded to one common width, so a reward
-model can score ``cat([chosen, rejected])`` in one forward pass.
+model can score ``cat([chosen, rejected])`` in one forward pass. ``chosen`` and ``rejected``
+may be conversations ending with the assistant's answer (TRL's conversational format); without
+a ``prompt`` the turns before those answers are the prompt, and must be the same in both.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from flowrl.batch import Batch
-from flowrl.data.dataset import pad_token_id, render_chat, tokenize_texts
+from flowrl.data.dataset import pad_token_id, render_prompt, tokenize_texts
 from flowrl.data.padding import left_pad, right_pad
-from flowrl.data.rows import Row, RowRef, check_messages, check_str, read_files, require_field
+from flowrl.data.rows import Prompt, Row, RowRef, check_messages, check_prompt, check_str, read_files, require_field
 from flowrl.keys import Keys
 
 if TYPE_CHECKING:
@@ -54,18 +58,27 @@ def eos_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def split_sft_row(row: Row, ref: RowRef) -> tuple[list[dict[str, str]], str]:
-    """(prompt messages, response text) of an SFT row in either accepted form."""
+def split_sft_row(row: Row, ref: RowRef) -> tuple[Prompt, str]:
+    """(prompt, response text) of an SFT row in any accepted form."""
     if row.get("prompt") is not None:
-        return check_messages(row["prompt"], ref, "prompt"), check_str(row, ref, "response", allow_empty=True)
+        prompt = check_prompt(row["prompt"], ref)
+        if row.get("response") is None and row.get("completion") is not None:  # TRL's prompt-completion
+            return prompt, answer_text(row["completion"], ref, "completion", alone=True)[1]
+        return prompt, check_str(row, ref, "response", allow_empty=True)
     if row.get("messages") is None:
-        raise ref.error("prompt", "an SFT row needs 'prompt' + 'response' or 'messages'; missing")
-    messages = check_messages(row["messages"], ref, "messages")
+        raise ref.error("prompt", "an SFT row needs 'prompt' + 'response' (or 'completion') or 'messages'; missing")
+    return answer_text(row["messages"], ref, "messages")
+
+
+def answer_text(value: object, ref: RowRef, field: str, alone: bool = False) -> tuple[list[dict[str, str]], str]:
+    """(the turns before, the answer) of a conversation ending with an assistant turn after at least
+    one other (``alone``: the answer may be the only turn), or ([], text) of plain text."""
+    if isinstance(value, str):
+        return [], value
+    messages = check_messages(value, ref, field)
     last = len(messages) - 1
-    if last < 1 or messages[last]["role"] != "assistant":
-        raise ref.error(
-            f"messages[{last}].role", "an SFT conversation must end with an assistant turn after a prompt;"
-        )
+    if messages[last]["role"] != "assistant" or (last < 1 and not alone):
+        raise ref.error(f"{field}[{last}].role", "a conversation must end with an assistant turn after a prompt;")
     return messages[:last], messages[last]["content"]
 
 
@@ -120,7 +133,7 @@ class SFTDataset:
         for ref, row in read_files(paths):
             builder.stats["n_rows"] += 1
             prompt, response = split_sft_row(row, ref)
-            encoded = builder.encode(ref, render_chat(tokenizer, prompt, ref), [response])
+            encoded = builder.encode(ref, render_prompt(tokenizer, prompt, ref), [response])
             if encoded is not None:
                 self.items.append(SFTItem(encoded[0], encoded[1][0]))
         builder.stats["n_kept"] = len(self.items)
@@ -170,9 +183,8 @@ class PreferenceDataset:
         self.items: list[PairItem] = []
         for ref, row in read_files(paths):
             builder.stats["n_rows"] += 1
-            prompt = check_messages(require_field(row, ref, "prompt"), ref, "prompt")
-            answers = [check_str(row, ref, "chosen"), check_str(row, ref, "rejected")]
-            encoded = builder.encode(ref, render_chat(tokenizer, prompt, ref), answers)
+            prompt, answers = preference_row(row, ref)
+            encoded = builder.encode(ref, render_prompt(tokenizer, prompt, ref), answers)
             if encoded is not None:
                 p, (c, r) = encoded
                 self.items.append(PairItem(p + c, p + r))
@@ -185,6 +197,23 @@ class PreferenceDataset:
 
     def collate(self, indices: Sequence[int]) -> Batch:
         return collate_pairs([self.items[i] for i in indices], self.pad_id)
+
+
+def preference_row(row: Row, ref: RowRef) -> tuple[Prompt, list[str]]:
+    """(prompt, [chosen, rejected]) of a preference row with an explicit or implicit prompt."""
+    (before_c, chosen), (before_r, rejected) = (
+        answer_text(require_field(row, ref, key), ref, key, alone=row.get("prompt") is not None)
+        for key in ("chosen", "rejected")
+    )
+    if row.get("prompt") is not None:
+        if before_c or before_r:
+            raise ref.error("chosen", "with a 'prompt', chosen and rejected hold only the answer, not earlier turns, in")
+        return check_prompt(row["prompt"], ref), [chosen, rejected]
+    if not before_c or before_c != before_r:
+        raise ref.error(
+            "prompt", "missing, and chosen and rejected are not conversations that share their turns before the answer:"
+        )
+    return before_c, [chosen, rejected]
 
 
 def collate_pairs(items: Sequence[PairItem], pad_id: int) -> Batch:

@@ -547,6 +547,13 @@ class FSDPEngine:
             return gathered()
         return merge_adapters(gathered(), self.lora_scales, dtype)
 
+    def full_manifest(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of each tensor ``full_tensors`` yields, in its order, gathering nothing
+        (with LoRA: the base model's names, each adapter merged; worked out on the meta device)."""
+        shapes = ((name, torch.empty(t.shape, device="meta")) for name, t in self.named_tensors())
+        named = merge_adapters(shapes, self.lora_scales) if self.lora_scales else shapes
+        return [(name, tuple(t.shape)) for name, t in named]
+
     @torch.no_grad()
     def adapter_stream(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(PEFT's saved name, full fp32 tensor) of every LoRA adapter weight, nothing else

@@ -500,19 +500,24 @@ def from_run_config(cfg: Any, rank: int) -> VLLMRollout:
     With ``rollout.tensor_parallel_size`` T the ranks of one replica (T consecutive ranks)
     share the seed: they must draw the same samples (module docstring).
     """
-    r = cfg.rollout
+    r, lora = cfg.rollout, cfg.actor.lora
     replica = replica_info(rank, cfg.trainer.num_workers, r.tensor_parallel_size).replica
-    return VLLMRollout(
-        VLLMRolloutConfig(
-            model_path=cfg.actor.model.path,
-            dtype=r.dtype,
-            max_model_len=cfg.data.prompts.max_prompt_length + r.max_response_length,
-            gpu_memory_utilization=r.gpu_memory_utilization,
-            enforce_eager=r.enforce_eager,
-            seed=cfg.trainer.seed + replica,
-            tensor_parallel_size=r.tensor_parallel_size,
-            max_lora_rank=cfg.actor.lora.rank if cfg.actor.lora.rank > 0 and cfg.actor.lora.sync == "adapter" else 0,
-        )
+    adapters = lora.rank if lora.rank > 0 and lora.sync == "adapter" else 0
+    return VLLMRollout(engine_config(cfg, replica, tensor_parallel_size=r.tensor_parallel_size, max_lora_rank=adapters))
+
+
+def engine_config(cfg: Any, replica: int, **settings: Any) -> VLLMRolloutConfig:
+    """The run's vLLM engine settings (the actor's model, ``rollout.*``) for sampling replica ``replica``
+    (seed ``trainer.seed + replica``); ``settings`` adds or overrides fields of ``VLLMRolloutConfig``."""
+    r = cfg.rollout
+    return VLLMRolloutConfig(
+        model_path=cfg.actor.model.path,
+        dtype=r.dtype,
+        max_model_len=cfg.data.prompts.max_prompt_length + r.max_response_length,
+        gpu_memory_utilization=r.gpu_memory_utilization,
+        enforce_eager=r.enforce_eager,
+        seed=cfg.trainer.seed + replica,
+        **settings,
     )
 
 

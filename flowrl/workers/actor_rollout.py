@@ -139,7 +139,7 @@ class ActorRollout(ProcessRNG, Worker):
         if self.rank != 0:
             return None
         r = self.cfg.rollout
-        manifest = [(name, tuple(t.shape)) for name, t in self.trainer.named_tensors()]  # type: ignore[attr-defined]
+        manifest = self.trainer.full_manifest()  # type: ignore[attr-defined]  # with LoRA: merged, base names
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         bucket = r.sync_bucket_mb * 2**20
         # the node address Ray gave this group (MASTER_ADDR of rank 0 is its own): reachable from other nodes

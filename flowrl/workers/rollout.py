@@ -29,7 +29,7 @@ from flowrl.batch import Batch
 from flowrl.controller import Dispatch, Worker, register
 from flowrl.engines.inflight import Weights, generate_versioned
 from flowrl.engines.sequences import response_lengths
-from flowrl.engines.vllm_rollout import DTYPES, VLLMRollout, VLLMRolloutConfig
+from flowrl.engines.vllm_rollout import DTYPES, VLLMRollout, VLLMRolloutConfig, engine_config
 from flowrl.engines.weight_transfer import Manifest, SyncAddress, WeightReceiver
 from flowrl.keys import Keys
 from flowrl.workers.engines import worker_config
@@ -43,16 +43,7 @@ class RolloutVersionTimeout(RuntimeError):
 
 def rollout_engine_config(cfg: DictConfig, rank: int) -> VLLMRolloutConfig:
     """The vLLM engine of rollout worker ``rank``: the actor's model, its own sampling seed."""
-    r = cfg.rollout
-    return VLLMRolloutConfig(
-        model_path=cfg.actor.model.path,
-        dtype=r.dtype,
-        max_model_len=cfg.data.prompts.max_prompt_length + r.max_response_length,
-        gpu_memory_utilization=r.gpu_memory_utilization,
-        enforce_eager=r.enforce_eager,
-        seed=cfg.trainer.seed + rank,
-        enable_sleep_mode=False,  # the engine has its devices to itself
-    )
+    return engine_config(cfg, rank, enable_sleep_mode=False)  # the engine has its devices to itself
 
 
 class RolloutWorker(Worker):

@@ -2,9 +2,10 @@
 one rollout worker with real vLLM, weights over gloo (docs/async.md).
 
 1. ``max_staleness=0`` on the split placement reproduces the colocated synchronous run bitwise:
-   every logged metric but wall-clock ones is equal, step by step. The colocated run offloads its
-   trainer state around each generation (``actor.offload``), so this also shows the memory
-   handover changes no number.
+   every logged metric but wall-clock ones is equal, step by step. Both train LoRA adapters (the
+   split placement's transfer sends the merged weights), and the colocated run offloads its trainer
+   state around each generation (``actor.offload``), so this also shows that the memory handover
+   changes no number. The full-parameter split path is the one of test 2.
 2. ``max_staleness=2`` (through ``flowrl train``, a subprocess) learns the arithmetic task from
    an SFT warm start, and no step's tokens are more than 2 policy versions old. Along the way the
    rollout worker is SIGKILLed mid-generation and then a trainer rank mid-step: each stops the run
@@ -48,10 +49,14 @@ def stable(rows):
 def test_split_placement_with_staleness_0_equals_the_synchronous_run_bitwise(warm, tmp_path):
     from flowrl.drivers import grpo
 
-    # the colocated run also hands the device over (actor.offload): its trainer state leaves and comes
-    # back around every generation, which must change nothing
-    grpo.main(load_config(None, overrides(warm, tmp_path / "sync", "trainer.total_steps=3", "actor.offload=true")))
-    split = ["trainer.total_steps=3", "placement.rollout_workers=1", "placement.max_staleness=0"]
+    # LoRA adapters on the policy: the colocated run sends vLLM merged weights (actor.lora.sync=merged),
+    # the split run's weight transfer sends the same merged tensors under the base model's names.
+    # The colocated run also hands the device over (actor.offload): its trainer state leaves and comes
+    # back around every generation. Neither may change a number.
+    lora = ["actor.lora.rank=8", "actor.lora.alpha=16", "actor.lora.target_modules=all-linear", "actor.optim.lr=1e-3"]
+    sync = ["trainer.total_steps=3", *lora, "actor.lora.sync=merged", "actor.offload=true"]
+    grpo.main(load_config(None, overrides(warm, tmp_path / "sync", *sync)))
+    split = ["trainer.total_steps=3", *lora, "placement.rollout_workers=1", "placement.max_staleness=0"]
     grpo.main(load_config(None, overrides(warm, tmp_path / "split", *split)))
     sync, k0 = read_metrics(str(tmp_path / "sync")), read_metrics(str(tmp_path / "split"))
     assert [r["step"] for r in k0] == [r["step"] for r in sync] == [0, 1, 2, 3, 3]
@@ -60,6 +65,8 @@ def test_split_placement_with_staleness_0_equals_the_synchronous_run_bitwise(war
     steps = [r for r in k0 if "actor/pg_loss" in r]
     assert all(r["async/staleness_max"] == 0 and r["async/swaps"] == 0 for r in steps)
     assert steps[0]["reward/mean"] > 0 and "async/rollout_idle_frac" in steps[0]
+    assert all(r["actor/grad_norm"] > 0 for r in steps)  # the adapters move
+    assert all(r["rollout/logprob_diff_max"] < 1e-3 for r in steps)  # the merged weights reached vLLM
 
 
 def start(warm, run_dir, *extra):

@@ -207,6 +207,7 @@ def _stream_checks(engine: FSDPEngine) -> dict:
     streamed = {n: t for bucket in engine.state_dict_stream(torch.bfloat16, 1 << 12) for n, t in bucket}
     return {
         "stream_names_match": list(streamed) == list(full),
+        "manifest_matches_stream": engine.full_manifest() == [(n, tuple(t.shape)) for n, t in streamed.items()],
         "stream_bitwise_cast": all(
             streamed[n].dtype == torch.bfloat16 and torch.equal(streamed[n], full[n].to(torch.bfloat16))
             for n in full
@@ -358,7 +359,7 @@ def test_logprobs_match_unpadded_reference(results: list[dict]) -> None:
 
 def test_bf16_weight_stream_is_the_cast_full_model(results: list[dict]) -> None:
     for r in results:
-        assert r["stream_names_match"] and r["stream_bitwise_cast"]
+        assert r["stream_names_match"] and r["stream_bitwise_cast"] and r["manifest_matches_stream"]
 
 
 def test_no_grad_pass_gathers_each_layer_once_and_reshards(results: list[dict]) -> None:

@@ -109,6 +109,11 @@ def _engine_checks(rank: int, model_dir: str, hf_dir: str, ckpt_dir: str) -> dic
     res["disabled_is_base"] = torch.equal(off, base_lp)
     res["trainable_after_disable"] = sorted(n for n, p in engine.model.named_parameters() if p.requires_grad)
     # the merged stream: the base model's names, and the trainer's log-probs in a plain HF model
+    # what the split placement's weight transfer cuts buckets from: the merged stream's names and shapes
+    res["manifest_is_merged_stream"] = engine.full_manifest() == [
+        (n, tuple(t.shape)) for n, t in engine.full_tensors(torch.float32)
+    ]
+    res["manifest_has_base_names"] = not any("lora_" in n or "base_layer" in n for n, _ in engine.full_manifest())
     res["merged_gap"] = max_gap(lp, local, reference_logprobs(merged_hf_model(engine, model_dir), local))
     engine.save_hf(hf_dir)
     saved = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -168,6 +173,7 @@ def test_starts_as_the_base_model_and_disabled_adapter_is_the_base_model(engine_
 
 
 def test_merged_weights_compute_the_trainers_logprobs(engine_results: list[dict]) -> None:
+    assert all(r["manifest_is_merged_stream"] and r["manifest_has_base_names"] for r in engine_results)
     for r in engine_results:
         assert r["merged_gap"] <= 1e-5, r["merged_gap"]
         assert r["saved_names_are_base"]

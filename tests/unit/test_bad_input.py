@@ -150,7 +150,7 @@ DATA_CASES = {
         [row(0, reward_model={"style": "rule"})], "row 0 (line 1): missing 'reward_model.ground_truth'"
     ),
     "empty_prompt": ([row(0, prompt=[])], "row 0 (line 1): empty message list in 'prompt'"),
-    "prompt_not_messages": ([row(0, prompt="What is 1 + 1?")], "expected a list of chat messages, got str"),
+    "prompt_not_messages": ([row(0, prompt={"user": "What is 1 + 1?"})], "expected chat messages (a list) or text, got dict"),
     "invalid_json": (b'{"prompt": [}\n', "row 0 (line 1): not valid JSON"),
     "non_utf8": (
         (b'{"prompt": [{"role": "user", "content": "caf\xe9"}], "data_source": "flowrl/arithmetic", '

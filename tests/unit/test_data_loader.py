@@ -143,3 +143,17 @@ def test_dataloader_batches_follow_the_sampler_and_resume(tmp_path, tok):
     rest = list(resumed)
     assert [b[Keys.GROUND_TRUTH] for b in rest] == [b[Keys.GROUND_TRUTH] for b in batches[3:]]
     assert torch.equal(rest[0][Keys.PROMPT_IDS], batches[3][Keys.PROMPT_IDS])
+
+
+def test_plain_text_prompts_are_used_as_they_are(tmp_path, tok):
+    """TRL's standard format: a text prompt is the model's input with no chat template (a base model)."""
+    text_row = row("ignored") | {"prompt": "Q: 1+2=\nA:"}
+    batch = PromptDataset(write_rows(tmp_path / "p.jsonl", [text_row, row("1+2", "3")]), tok).collate([0, 1])
+    text_ids = tok("Q: 1+2=\nA:", add_special_tokens=False)["input_ids"]
+    assert len(text_ids) == 10 and USER not in text_ids and ASSISTANT not in text_ids
+    assert batch[Keys.PROMPT_IDS][0].tolist() == text_ids
+    assert batch[Keys.PROMPT_TEXT] == ["Q: 1+2=\nA:", "<|user|>1+2\n<|assistant|>"]
+    # an environment's reset still sees chat messages: the text as one user turn
+    assert batch[Keys.MESSAGES][0] == [{"role": "user", "content": "Q: 1+2=\nA:"}]
+    parquet = PromptDataset(write_rows(tmp_path / "p.parquet", [text_row, text_row]), tok)  # a text column
+    assert parquet.collate([1])[Keys.PROMPT_IDS][0].tolist() == text_ids

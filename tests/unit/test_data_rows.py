@@ -69,7 +69,8 @@ def _set(path, value):
 
 MALFORMED = [
     (_drop(["prompt"]), "missing 'prompt'"),
-    (_set(["prompt"], "What is 1 + 1?"), "expected a list of chat messages, got str in 'prompt'"),
+    (_set(["prompt"], 7), "expected chat messages (a list) or text, got int in 'prompt'"),
+    (_set(["prompt"], ""), "empty string in 'prompt'"),
     (_set(["prompt"], []), "empty message list in 'prompt'"),
     (_set(["prompt", 0], "hi"), "expected a {'role', 'content'} dict, got str in 'prompt[0]'"),
     (_drop(["prompt", 0, "content"]), "missing 'prompt[0].content'"),

@@ -43,7 +43,7 @@ def test_sft_rows_need_a_response(tmp_path, tok):
     with pytest.raises(RowError, match=r"sft\.jsonl row 1 \(line 2\): missing 'response'"):
         SFTDataset(path, tok)
     path = write_rows(tmp_path / "sft2.jsonl", [{"messages": user("a") + user("b")}])
-    with pytest.raises(RowError, match=r"row 0 \(line 1\): an SFT conversation must end with an assistant"):
+    with pytest.raises(RowError, match=r"row 0 \(line 1\): a conversation must end with an assistant turn after a"):
         SFTDataset(path, tok)
 
 
@@ -73,3 +73,38 @@ def test_preference_rows_need_both_answers(tmp_path, tok):
     path = write_rows(tmp_path / "pairs.jsonl", [{"prompt": user("q"), "chosen": "a"}])
     with pytest.raises(RowError, match=r"row 0 \(line 1\): missing 'rejected'"):
         PreferenceDataset(path, tok)
+
+
+def assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def test_trl_prompt_completion_rows_equal_the_prompt_response_form(tmp_path, tok):
+    rows = [
+        {"prompt": user("1+2"), "response": "3"},
+        {"prompt": user("1+2"), "completion": "3"},  # TRL: standard completion
+        {"prompt": user("1+2"), "completion": assistant("3")},  # TRL: conversational prompt-completion
+    ]
+    ds = SFTDataset(write_rows(tmp_path / "sft.jsonl", rows), tok)
+    assert ds.items[0] == ds.items[1] == ds.items[2]
+    text = SFTDataset(write_rows(tmp_path / "text.jsonl", [{"prompt": "1+2=", "completion": "3"}]), tok)
+    assert text.items[0].prompt_ids == [ord(c) - 30 for c in "1+2="]  # plain text: no chat template
+    assert text.items[0].response_ids == [ord("3") - 30, EOS]
+    bad = write_rows(tmp_path / "bad.jsonl", [{"prompt": user("q"), "completion": user("a")}])
+    with pytest.raises(RowError, match=r"row 0 \(line 1\): a conversation must end with an assistant turn"):
+        SFTDataset(bad, tok)
+
+
+def test_trl_conversational_preference_rows(tmp_path, tok):
+    explicit = {"prompt": user("1+2"), "chosen": assistant("3"), "rejected": assistant("45")}
+    implicit = {"chosen": user("1+2") + assistant("3"), "rejected": user("1+2") + assistant("45")}
+    plain = {"prompt": user("1+2"), "chosen": "3", "rejected": "45"}
+    ds = PreferenceDataset(write_rows(tmp_path / "pairs.jsonl", [explicit, implicit, plain]), tok)
+    assert ds.items[0] == ds.items[1] == ds.items[2]
+    for bad, words in [
+        ({"chosen": user("1+2") + assistant("3"), "rejected": user("1+3") + assistant("4")}, "missing, and chosen"),
+        ({"prompt": user("q"), "chosen": user("q") + assistant("a"), "rejected": "b"}, "hold only the answer"),
+        ({"chosen": "a", "rejected": "b"}, "missing, and chosen and rejected are not conversations"),
+    ]:
+        with pytest.raises(RowError, match=words):
+            PreferenceDataset(write_rows(tmp_path / "bad.jsonl", [bad]), tok)
