@@ -341,7 +341,8 @@ def add_eval_parser(sub: Any) -> None:
     metavars = {"dtype": "DTYPE", "reward_function": "PKG.MODULE:FN", "out": "FILE.jsonl"}
     for name, kind in (
         ("max_samples", int), ("max_new_tokens", int), ("max_prompt_length", int), ("temperature", float),
-        ("n", int), ("seed", int), ("dtype", str), ("reward_function", str), ("out", str),
+        ("n", int), ("seed", int), ("dtype", str), ("reward_function", str), ("out", str), ("prompt_key", str),
+        ("ground_truth_key", str), ("data_source", str),
     ):  # fmt: skip
         p.add_argument(
             "--" + name.replace("_", "-"), dest=name, type=kind, default=argparse.SUPPRESS,

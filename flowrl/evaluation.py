@@ -36,6 +36,9 @@ class EvalConfig:
     max_samples: int = -1  # the first rows only; -1: all (like data.val_max_samples)
     max_new_tokens: int = 256  # response length limit (rollout.max_response_length)
     max_prompt_length: int = 512  # longer prompts are skipped (data.prompts.max_prompt_length)
+    prompt_key: str = "prompt"  # the prompt's column (data.prompts.prompt_key; docs/data.md)
+    ground_truth_key: str = ""  # a top-level answer column; "": reward_model.ground_truth (data.prompts.ground_truth_key)
+    data_source: str = ""  # for rows without a data_source column (data.prompts.data_source)
     temperature: float = 0.0  # 0: greedy (rollout.val_temperature)
     n: int = 1  # samples per prompt; > 1 needs temperature > 0
     seed: int = 0  # vLLM's sampling seed
@@ -81,11 +84,16 @@ class EvalResult:
         return f"{text} prompts={int(m['prompts'])}"
 
 
+COLUMN_KEYS = ("prompt_key", "ground_truth_key", "data_source")  # data.prompts' keys that say where fields are
+
+
 def settings_of_run(run: str) -> dict[str, Any]:
     """EvalConfig fields from a training run's ``config.yaml`` (the file or its folder): the
     response and prompt lengths, ``data.val_max_samples`` and the ``reward`` group, so that
     greedy accuracy here equals that run's ``val/accuracy``."""
     from omegaconf import OmegaConf
+
+    from flowrl.data.dataset import PromptDataConfig
 
     path = os.path.join(run, "config.yaml") if os.path.isdir(run) else run
     if not os.path.isfile(path):
@@ -96,6 +104,7 @@ def settings_of_run(run: str) -> dict[str, Any]:
         return {
             "max_new_tokens": int(cfg.rollout.max_response_length),
             "max_prompt_length": int(cfg.data.prompts.max_prompt_length),
+            **{k: str(cfg.data.prompts.get(k, getattr(PromptDataConfig(), k))) for k in COLUMN_KEYS},
             "max_samples": int(cfg.data.val_max_samples) if int(cfg.data.val_max_samples) > 0 else -1,
             "reward": RewardConfig(**reward),
         }
@@ -123,7 +132,10 @@ def load_prompts(cfg: EvalConfig) -> Batch:
     from flowrl.data.dataset import PromptDataConfig, PromptDataset
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
-    data = PromptDataset(list(cfg.data_files), tokenizer, PromptDataConfig(max_prompt_length=cfg.max_prompt_length))
+    columns = {k: getattr(cfg, k) for k in COLUMN_KEYS}
+    data = PromptDataset(
+        list(cfg.data_files), tokenizer, PromptDataConfig(max_prompt_length=cfg.max_prompt_length, **columns)
+    )
     count = len(data) if cfg.max_samples < 0 else min(len(data), cfg.max_samples)
     if count == 0:
         raise ValueError(

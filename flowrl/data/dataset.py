@@ -26,7 +26,7 @@ import torch
 
 from flowrl.batch import Batch
 from flowrl.data.padding import left_pad
-from flowrl.data.rows import Prompt, RowRef, as_messages, check_prompt_row, read_files
+from flowrl.data.rows import Prompt, RowColumns, RowRef, as_messages, check_prompt_row, read_files
 from flowrl.keys import Keys
 
 if TYPE_CHECKING:
@@ -43,6 +43,11 @@ class PromptDataConfig:
 
     max_prompt_length: int = 512  # tokens after the chat template
     overlong: str = "filter"  # "filter" | "truncate_left" | "error"
+    # datasets in other layouts (docs/data.md), read without converting them:
+    prompt_key: str = "prompt"  # the column with the prompt (OpenRLHF's input_key, verl's prompt_key)
+    # a top-level column with the answer (TRL's "solution", OpenRLHF's "label"); "": reward_model.ground_truth
+    ground_truth_key: str = ""
+    data_source: str = ""  # for rows without a data_source column (picks the rule reward); "": required
 
     def __post_init__(self) -> None:
         if self.overlong not in OVERLONG_POLICIES:
@@ -110,7 +115,8 @@ class PromptDataset:
     ) -> None:
         self.config = config
         self.pad_id = pad_token_id(tokenizer)
-        rows = [(ref, check_prompt_row(row, ref)) for ref, row in read_files(paths)]
+        columns = RowColumns(config.prompt_key, config.ground_truth_key, config.data_source)
+        rows = [(ref, check_prompt_row(row, ref, columns)) for ref, row in read_files(paths)]
         texts = [render_prompt(tokenizer, row["prompt"], ref) for ref, row in rows]
         all_ids = tokenize_texts(tokenizer, texts)
         self.items: list[PromptItem] = []

@@ -177,11 +177,34 @@ def check_str(row: Row, ref: RowRef, field: str, allow_empty: bool = False) -> s
     return value
 
 
-def check_prompt_row(row: Row, ref: RowRef) -> Row:
-    """Validate an RL prompt row; returns it normalised (extra_info always a dict)."""
-    prompt = check_prompt(require_field(row, ref, "prompt"), ref)
-    data_source = check_str(row, ref, "data_source")
-    reward_model = require_field(row, ref, "reward_model")
+@dataclass(frozen=True)
+class RowColumns:
+    """Where an RL prompt row keeps its fields, for datasets laid out as other frameworks write them."""
+
+    prompt: str = "prompt"  # the prompt's column
+    ground_truth: str = ""  # a top-level answer column; "": reward_model.ground_truth
+    data_source: str = ""  # the data_source of rows without one; "": the column is required
+
+
+def check_prompt_row(row: Row, ref: RowRef, columns: RowColumns = RowColumns()) -> Row:
+    """Validate an RL prompt row; returns it normalised (the standard keys, extra_info always a dict)."""
+    prompt = check_prompt(require_field(row, ref, columns.prompt), ref, columns.prompt)
+    if row.get("data_source") is None and columns.data_source:
+        data_source = columns.data_source
+    elif row.get("data_source") is None:
+        raise RowError(f"{ref}: missing 'data_source' (a dataset without the column: set data.prompts.data_source)")
+    else:
+        data_source = check_str(row, ref, "data_source")
+    extra = check_extra_info(row, ref)
+    if columns.ground_truth:
+        truth = require_field(row, ref, columns.ground_truth)
+        return {"prompt": prompt, "data_source": data_source,
+                "reward_model": {"style": "rule", "ground_truth": truth}, "extra_info": extra}  # fmt: skip
+    reward_model = row.get("reward_model")
+    if reward_model is None:
+        raise RowError(
+            f"{ref}: missing 'reward_model' (an answer in a column of its own: set data.prompts.ground_truth_key)"
+        )
     if not isinstance(reward_model, dict):
         raise ref.error("reward_model", f"expected a dict, got {type(reward_model).__name__} in")
     style = reward_model.get("style") or "rule"
@@ -189,7 +212,6 @@ def check_prompt_row(row: Row, ref: RowRef) -> Row:
         raise ref.error("reward_model.style", f"expected a string, got {type(style).__name__} in")
     if style != "model" and reward_model.get("ground_truth") is None:
         raise ref.error("reward_model.ground_truth", "missing")
-    extra = check_extra_info(row, ref)
     return {
         "prompt": prompt,
         "data_source": data_source,

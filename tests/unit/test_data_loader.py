@@ -157,3 +157,24 @@ def test_plain_text_prompts_are_used_as_they_are(tmp_path, tok):
     assert batch[Keys.MESSAGES][0] == [{"role": "user", "content": "Q: 1+2=\nA:"}]
     parquet = PromptDataset(write_rows(tmp_path / "p.parquet", [text_row, text_row]), tok)  # a text column
     assert parquet.collate([1])[Keys.PROMPT_IDS][0].tolist() == text_ids
+
+
+def test_other_frameworks_columns_are_read_where_the_config_points(tmp_path, tok):
+    """OpenRLHF-style rows ({"input": ..., "label": ...}) and TRL-style ({"prompt": ..., "solution": ...})."""
+    from flowrl.data import RowError
+
+    rows = [{"input": [{"role": "user", "content": "1+2"}], "label": "3"}]
+    path = write_rows(tmp_path / "openrlhf.jsonl", rows)
+    with pytest.raises(RowError, match=r"row 0 \(line 1\): missing 'prompt'"):
+        PromptDataset(path, tok)
+    cfg = PromptDataConfig(prompt_key="input", ground_truth_key="label", data_source="flowrl/arithmetic")
+    item = PromptDataset(path, tok, cfg)[0]
+    assert (item.prompt_text, item.ground_truth, item.data_source) == ("<|user|>1+2\n<|assistant|>", "3", "flowrl/arithmetic")
+    trl = write_rows(tmp_path / "trl.jsonl", [{"prompt": "1+2=", "solution": "3", "data_source": "openai/gsm8k"}])
+    with pytest.raises(RowError, match="missing 'reward_model' .*set data.prompts.ground_truth_key"):
+        PromptDataset(trl, tok)
+    item = PromptDataset(trl, tok, PromptDataConfig(ground_truth_key="solution"))[0]
+    assert (item.ground_truth, item.data_source) == ("3", "openai/gsm8k")  # the row's own data_source wins
+    no_source = write_rows(tmp_path / "bare.jsonl", [{"prompt": "1+2=", "solution": "3"}])
+    with pytest.raises(RowError, match="missing 'data_source' .*set data.prompts.data_source"):
+        PromptDataset(no_source, tok, PromptDataConfig(ground_truth_key="solution"))

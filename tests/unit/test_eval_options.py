@@ -77,11 +77,13 @@ def test_like_run_takes_lengths_samples_and_reward_settings(tmp_path):
     from flowrl.rewards import RewardConfig
 
     overrides = ["actor.model.path=m", "data.train_files=[x.parquet]", "data.val_max_samples=7", "rollout.max_response_length=40"]
-    cfg = load_config("recipes/grpo_smollm2_arith_gpu.yaml", overrides)
+    cfg = load_config("recipes/grpo_smollm2_arith_gpu.yaml", [*overrides, "data.prompts.ground_truth_key=label"])
     OmegaConf.save(cfg, tmp_path / "config.yaml")  # what every run writes
     got = settings_of_run(str(tmp_path))
     assert got["max_new_tokens"] == 40 and got["max_samples"] == 7
     assert got["max_prompt_length"] == cfg.data.prompts.max_prompt_length
+    # where the run read its columns (docs/data.md)
+    assert (got["prompt_key"], got["ground_truth_key"], got["data_source"]) == ("prompt", "label", "")
     assert got["reward"] == RewardConfig(num_workers=4, kwargs={"*": {"untagged": "last_number"}})
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.yaml").write_text("rollout: 3\n")
