@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,9 +26,9 @@ from flowrl.config import load_config
 from flowrl.quickstart import grpo_overrides
 from flowrl.trainer.checkpoint import find_latest
 from flowrl.trainer.tracking import read_metrics
+from tests.e2e.procs import finish, launch
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 VOLATILE = ("timing/", "perf/", "async/", "memory/")  # wall-clock keys, the split run's own, memory handover
 
 
@@ -70,20 +68,7 @@ def test_split_placement_with_staleness_0_equals_the_synchronous_run_bitwise(war
 
 
 def start(warm, run_dir, *extra):
-    args = [sys.executable, "-m", "flowrl.cli", "train", "recipes/grpo_arithmetic_tiny.yaml", *overrides(warm, run_dir, *extra)]
-    env = os.environ | {"PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
-    os.makedirs(run_dir, exist_ok=True)
-    out = open(Path(run_dir) / "stderr.txt", "ab")
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=out, start_new_session=True)
-
-
-def finish(proc, timeout=400.0):
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    return launch("recipes/grpo_arithmetic_tiny.yaml", overrides(warm, run_dir, *extra), run_dir)
 
 
 def saved_step(run_dir) -> int:

@@ -17,8 +17,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,9 +26,9 @@ from flowrl.trainer.checkpoint import find_latest, list_checkpoints
 from flowrl.models.tiny import make_tiny_model
 from flowrl.tasks.arithmetic import write_splits
 from flowrl.trainer.tracking import read_metrics
+from tests.e2e.procs import finish, launch
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 VOLATILE = ("timing/", "perf/")  # wall-clock keys: never equal between two runs
 
 
@@ -43,16 +41,11 @@ def assets(tmp_path_factory):
 
 def start(assets, run_dir, *overrides):
     model, splits = assets
-    args = [
-        sys.executable, "-m", "flowrl.cli", "train", "recipes/grpo_arithmetic_tiny.yaml",
+    return launch("recipes/grpo_arithmetic_tiny.yaml", [
         f"actor.model.path={model}", f"data.train_files=[{splits['train']}]",
         f"data.val_files=[{splits['test']}]", f"trainer.run_dir={run_dir}", "data.val_max_samples=4",
         "trainer.loggers=[jsonl]", "trainer.save_every=1", "trainer.keep_last=2", *overrides,
-    ]
-    env = os.environ | {"PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
-    os.makedirs(run_dir, exist_ok=True)
-    out = open(Path(run_dir) / "stderr.txt", "ab")
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=out, start_new_session=True)
+    ], run_dir)  # fmt: skip
 
 
 def wait_for(proc, condition, timeout=400.0, poll=0.01):
@@ -61,15 +54,6 @@ def wait_for(proc, condition, timeout=400.0, poll=0.01):
         assert proc.poll() is None, f"the run ended (status {proc.returncode}) before the awaited moment"
         assert time.monotonic() < deadline, "timed out waiting"
         time.sleep(poll)
-
-
-def finish(proc, timeout=400.0):
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def logged_steps(run_dir):

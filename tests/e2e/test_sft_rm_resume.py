@@ -17,7 +17,8 @@ from flowrl.models.tiny import make_tiny_model
 from flowrl.tasks.arithmetic import write_splits
 from flowrl.trainer.checkpoint import find_latest, list_checkpoints
 from flowrl.trainer.tracking import read_metrics
-from tests.e2e.test_fault_injection import finish, stable, wait_for
+from tests.e2e.procs import finish
+from tests.e2e.test_fault_injection import stable, wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
