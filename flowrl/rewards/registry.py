@@ -14,6 +14,9 @@ returning a score, or a dict with a ``"score"`` and other numeric values to log.
 
 ``config.kwargs[data_source]`` (or ``config.kwargs["*"]`` for every source) are keyword
 arguments bound to the chosen function, e.g. ``{"openai/gsm8k": {"method": "flexible"}}``.
+A function written for verl, ``compute_score(data_source, solution_str, ground_truth,
+extra_info=None)`` (known by its ``solution_str`` parameter), is called verl's way: with the
+row's data source, the response, the ground truth and ``extra_info``, by name.
 Functions are looked up by dotted path so that worker processes can import them.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,7 +99,28 @@ class RewardResolver:
 
     def __call__(self, data_source: str) -> RewardFn:
         if data_source not in self._cache:
-            fn = load_function(self.path_for(data_source))
+            fn = adapt_signature(load_function(self.path_for(data_source)), data_source)
             kwargs = {**self.config.kwargs.get("*", {}), **self.config.kwargs.get(data_source, {})}
             self._cache[data_source] = functools.partial(fn, **kwargs) if kwargs else fn
         return self._cache[data_source]
+
+
+def adapt_signature(fn: Callable[..., Any], data_source: str) -> Callable[..., Any]:
+    """``fn`` itself, or, for a verl-style function (a ``solution_str`` parameter), ``fn`` called verl's way."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: flowrl's positional call
+        return fn
+    return functools.partial(call_verl_style, fn, data_source) if "solution_str" in params else fn
+
+
+def call_verl_style(
+    fn: Callable[..., Any], data_source: str, prompt: str, response: str, ground_truth: Any, extra: dict,
+    **kwargs: Any,
+) -> Any:
+    """``fn(data_source=..., solution_str=response, ground_truth=..., extra_info=extra, **kwargs)``,
+    each argument only if ``fn`` takes it (verl's functions differ in whether they take ``extra_info``)."""
+    params = inspect.signature(fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = {"data_source": data_source, "solution_str": response, "ground_truth": ground_truth, "extra_info": extra}
+    return fn(**{k: v for k, v in named.items() if takes_any or k in params}, **kwargs)

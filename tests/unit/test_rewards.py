@@ -218,3 +218,23 @@ def test_worker_exits_when_its_parent_is_killed(tmp_path):
     while not _gone(worker_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _gone(worker_pid), "the orphaned reward worker kept running"
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_verl_style_reward_functions_are_called_the_verl_way(num_workers):
+    """compute_score(data_source, solution_str, ground_truth, extra_info=None), by name, in a worker too."""
+    module = "tests.unit.verl_style_rewards"
+    cfg = RewardConfig(
+        by_source={"verl/a": f"{module}:compute_score", "verl/b": f"{module}:without_extra_info",
+                   "verl/c": f"{module}:with_kwargs"},
+        kwargs={"verl/b": {"bonus": 0.5}},
+    )  # fmt: skip
+    batch = make_batch(["verl/a", "verl/a", "verl/b", "verl/c"])
+    batch[Keys.EXTRA_INFO] = [{"index": 0}, {}, {}, {}]
+    scored, _ = compute_scores(batch, RewardResolver(cfg), timeout_s=5.0, num_workers=num_workers)
+    # responses alternate "8", "7" against ground truth "7"
+    assert scored[Keys.SCORES].tolist() == [0.0, 1.0, 0.5, 11.0]
+    assert scored[Keys.REWARD_STATUS].tolist() == [RewardStatus.OK] * 4
+    extra = scored[Keys.REWARD_EXTRA]
+    assert extra[0]["source_len"] == len("verl/a") and extra[0]["has_extra"] == 1.0 and extra[1]["has_extra"] == 0.0
+    assert RewardResolver(cfg)("verl/b")("prompt", "7", "7", {}) == 1.5  # flowrl's positional call still works
