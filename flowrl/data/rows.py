@@ -198,6 +198,7 @@ def check_prompt_row(row: Row, ref: RowRef, columns: RowColumns = RowColumns()) 
     extra = check_extra_info(row, ref)
     if columns.ground_truth:
         truth = require_field(row, ref, columns.ground_truth)
+        extra = {columns.ground_truth: truth, **extra}  # under its own name too (a TRL reward's keyword)
         return {"prompt": prompt, "data_source": data_source,
                 "reward_model": {"style": "rule", "ground_truth": truth}, "extra_info": extra}  # fmt: skip
     reward_model = row.get("reward_model")

@@ -16,7 +16,11 @@ returning a score, or a dict with a ``"score"`` and other numeric values to log.
 arguments bound to the chosen function, e.g. ``{"openai/gsm8k": {"method": "flexible"}}``.
 A function written for verl, ``compute_score(data_source, solution_str, ground_truth,
 extra_info=None)`` (known by its ``solution_str`` parameter), is called verl's way: with the
-row's data source, the response, the ground truth and ``extra_info``, by name.
+row's data source, the response, the ground truth and ``extra_info``, by name. One written for
+TRL, ``reward_fn(completions, **kwargs) -> list[float]`` (known by its ``completions``
+parameter), gets lists of one: ``prompts``, ``completions`` (text), ``ground_truth`` and each
+``extra_info`` entry (a dataset read with ``data.prompts.ground_truth_key`` keeps the answer
+there under its column's name too, e.g. ``solution``), and its one score is taken.
 Functions are looked up by dotted path so that worker processes can import them.
 """
 
@@ -111,7 +115,9 @@ def adapt_signature(fn: Callable[..., Any], data_source: str) -> Callable[..., A
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):  # a builtin without a signature: flowrl's positional call
         return fn
-    return functools.partial(call_verl_style, fn, data_source) if "solution_str" in params else fn
+    if "solution_str" in params:
+        return functools.partial(call_verl_style, fn, data_source)
+    return functools.partial(call_trl_style, fn) if "completions" in params else fn
 
 
 def call_verl_style(
@@ -124,3 +130,15 @@ def call_verl_style(
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     named = {"data_source": data_source, "solution_str": response, "ground_truth": ground_truth, "extra_info": extra}
     return fn(**{k: v for k, v in named.items() if takes_any or k in params}, **kwargs)
+
+
+def call_trl_style(
+    fn: Callable[..., Any], prompt: str, response: str, ground_truth: Any, extra: dict, **kwargs: Any
+) -> Any:
+    """``fn(prompts=[prompt], completions=[response], ground_truth=[...], <extra_info key>=[...], **kwargs)[0]``
+    (TRL calls a reward function on a batch, with the dataset's columns as keyword arguments)."""
+    columns = {str(k): [v] for k, v in extra.items()} | {"ground_truth": [ground_truth]}
+    scores = fn(prompts=[prompt], completions=[response], **columns, **kwargs)
+    if not isinstance(scores, (list, tuple)) or len(scores) != 1:
+        raise TypeError(f"a TRL-style reward function returns one score per completion; got {scores!r} for one")
+    return scores[0]

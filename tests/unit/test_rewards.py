@@ -238,3 +238,14 @@ def test_verl_style_reward_functions_are_called_the_verl_way(num_workers):
     extra = scored[Keys.REWARD_EXTRA]
     assert extra[0]["source_len"] == len("verl/a") and extra[0]["has_extra"] == 1.0 and extra[1]["has_extra"] == 0.0
     assert RewardResolver(cfg)("verl/b")("prompt", "7", "7", {}) == 1.5  # flowrl's positional call still works
+
+
+def test_trl_style_reward_functions_get_batches_of_one():
+    module = "tests.unit.verl_style_rewards"
+    cfg = RewardConfig(by_source={"trl/a": f"{module}:trl_accuracy", "trl/bad": f"{module}:trl_wrong_length"})
+    batch = make_batch(["trl/a", "trl/a", "trl/bad"])
+    batch[Keys.EXTRA_INFO] = [{"solution": "7"}] * 3  # what data.prompts.ground_truth_key=solution keeps there
+    scored, _ = compute_scores(batch, RewardResolver(cfg), timeout_s=5.0, num_workers=0)
+    assert scored[Keys.SCORES].tolist() == [0.25, 1.25, 0.0]
+    assert scored[Keys.REWARD_STATUS].tolist() == [RewardStatus.OK, RewardStatus.OK, RewardStatus.ERROR]
+    assert "one score per completion" in scored[Keys.REWARD_EXTRA][2]["error"]

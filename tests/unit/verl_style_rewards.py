@@ -16,3 +16,12 @@ def without_extra_info(data_source, solution_str, ground_truth, bonus=0.0):
 
 def with_kwargs(solution_str, ground_truth, **kwargs):
     return float(solution_str.strip() == str(ground_truth)) + 10.0 * ("data_source" in kwargs)
+
+
+def trl_accuracy(completions, solution, **kwargs):
+    """TRL's shape: a batch in, one score per completion out; dataset columns as keyword arguments."""
+    return [float(c.strip() == str(s)) + 0.25 * ("prompts" in kwargs) for c, s in zip(completions, solution)]
+
+
+def trl_wrong_length(completions, **kwargs):
+    return [1.0, 2.0]
