@@ -65,6 +65,7 @@ NOT_BATCH_KEYS: dict[tuple[str, str], str] = {
     ("flowrl/data/dataset.py", "tokenize_texts"): "a Hugging Face tokenizer's output",
     ("flowrl/data/sft.py", "split_sft_row"): "the SFT row format",
     ("flowrl/rewards/registry.py", "call_verl_style"): "the keyword arguments of verl's compute_score",
+    ("flowrl/rewards/registry.py", "call_trl_style"): "the keyword arguments of a TRL reward function",
     ("flowrl/tasks/arithmetic.py", "rl_row"): "the dataset row format it writes",
     ("flowrl/tasks/reasoning_gym.py", "make_rows"): "the dataset row format it writes",
     ("flowrl/tasks/gsm8k.py", "make_row"): "the dataset row format it writes",
