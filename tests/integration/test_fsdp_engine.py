@@ -264,9 +264,6 @@ def _offload_checks(engine: FSDPEngine, local: Batch, ckpt_dir: str, want_metric
     }
     engine.onload()
     res["onload_bitwise"] = all(torch.equal(a, b) for a, b in zip(before, tensors))
-    res["onload_same_storages"] = [t.untyped_storage().data_ptr() for t in tensors] == [
-        t.untyped_storage().data_ptr() for t in engine._state_tensors()
-    ]  # the optimizer still updates the tensors the model computes with
     engine.onload()  # a second onload is a no-op
     metrics = engine.train_step(local, token_mean_nll, micro_batch_size=2)
     res["offload_step_equal"] = metrics == want_metrics
@@ -394,8 +391,9 @@ def test_offload_releases_the_state_and_onload_restores_it_bitwise(results: list
         # every parameter shard and both AdamW moments of each (the step counts stay)
         assert r["offload_optimizer_tensors"] > 0 and r["offload_tensor_count"] > r["offload_optimizer_tensors"]
         assert r["offload_bytes"] >= r["offload_state_bytes"] > 0  # whole storages (a shard may be a padded view)
-        assert r["onload_bitwise"] and r["onload_same_storages"], r
+        assert r["onload_bitwise"], r
         # the step after the round trip is the step without it: same metrics, same parameters bitwise
+        # (so the optimizer still updates the storages the model computes with)
         assert r["offload_step_equal"] and r["offload_step_param_equal"], r
 
 
