@@ -98,25 +98,27 @@ class ActorRollout(ProcessRNG, Worker):
         with STAGE_PEAKS("generate"):
             if self.cfg.actor.offload:  # the trainer's state waits in host memory while vLLM generates
                 STAGE_PEAKS.note("offloaded_gib", self.trainer.offload() / 2**30)  # type: ignore[attr-defined]
-            self.rollout.wake_up()  # GPU: weights and KV cache back (a no-op when awake, and on CPU)
-            if self.agent_loop is not None:  # multi-turn: the model and an environment take turns
-                sampling = TurnSampling(temperature, r.top_p, r.top_k)
-                out = self.agent_loop.run(prompts, n, sampling, seeds)
-            else:
-                out = self.rollout.generate(
-                    prompts,
-                    n=n,
-                    temperature=temperature,
-                    top_p=r.top_p,
-                    top_k=r.top_k,
-                    max_tokens=r.max_response_length,
-                    ignore_eos=r.ignore_eos,
-                    seeds=seeds,
-                )
-            STAGE_PEAKS.note_used("generate")  # vLLM awake: its weights and KV cache count here
-            self.rollout.sleep()  # GPU: free vLLM's weights and KV cache for training (no-op on CPU)
-            if self.cfg.actor.offload:
-                self.trainer.onload()  # type: ignore[attr-defined]
+            try:
+                self.rollout.wake_up()  # GPU: weights and KV cache back (a no-op when awake, and on CPU)
+                if self.agent_loop is not None:  # multi-turn: the model and an environment take turns
+                    sampling = TurnSampling(temperature, r.top_p, r.top_k)
+                    out = self.agent_loop.run(prompts, n, sampling, seeds)
+                else:
+                    out = self.rollout.generate(
+                        prompts,
+                        n=n,
+                        temperature=temperature,
+                        top_p=r.top_p,
+                        top_k=r.top_k,
+                        max_tokens=r.max_response_length,
+                        ignore_eos=r.ignore_eos,
+                        seeds=seeds,
+                    )
+                STAGE_PEAKS.note_used("generate")  # vLLM awake: its weights and KV cache count here
+                self.rollout.sleep()  # GPU: free vLLM's weights and KV cache for training (no-op on CPU)
+            finally:  # a failed generation must not leave the trainer without its state
+                if self.cfg.actor.offload:
+                    self.trainer.onload()  # type: ignore[attr-defined]
         ids, lengths = out[Keys.RESPONSE_IDS], response_lengths(out[Keys.RESPONSE_MASK])
         out[Keys.RESPONSE_TEXT] = [
             self.tokenizer.decode(row[: int(k)].tolist(), skip_special_tokens=True) for row, k in zip(ids, lengths)
