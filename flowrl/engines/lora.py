@@ -220,12 +220,19 @@ def adapter_disabled(model: nn.Module) -> Iterator[None]:
     """Run ``model`` as the base model: every adapter off inside the block, back on after."""
     layers = list(lora_layers(model).values())
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    def keep_trainable() -> None:  # PEFT's switch also flips requires_grad: put it back as it was
+        for name, p in model.named_parameters():
+            p.requires_grad = trainable[name]
+
     for layer in layers:
         layer.enable_adapters(False)  # type: ignore[operator]
+    # Right away, not only at the end: FSDP2 reads which parameters train when the model's first
+    # forward initialises it; seeing none (a reference pass first), it would cast no gradient back to
+    # the fp32 adapters' dtype and a bf16 compute dtype's gradients would then fail to land.
+    keep_trainable()
     try:
         yield
     finally:
         for layer in layers:
             layer.enable_adapters(True)  # type: ignore[operator]
-        for name, p in model.named_parameters():  # PEFT's switch also flips requires_grad: as it was
-            p.requires_grad = trainable[name]
+        keep_trainable()

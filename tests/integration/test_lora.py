@@ -123,7 +123,11 @@ def _engine_checks(rank: int, model_dir: str, hf_dir: str, ckpt_dir: str) -> dic
             AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
         )
     dist.barrier()
-    bf16 = lora_engine(model_dir, frozen_dtype="bfloat16")
+    # as on GPU: bf16 compute, and the first forward is the adapter-disabled reference pass (a GRPO step
+    # with a KL loss that takes its old log-probs from the update's own forward)
+    bf16 = lora_engine(model_dir, frozen_dtype="bfloat16", param_dtype="bfloat16")
+    with bf16.adapters_off():
+        bf16.compute_logprobs(local, 1.0, micro_batch_size=2)
     dtypes = {p.requires_grad: set() for p in bf16.model.parameters()}
     for p in bf16.model.parameters():
         dtypes[p.requires_grad].add(str(p.dtype))
