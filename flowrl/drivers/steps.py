@@ -87,7 +87,11 @@ def sample(rt: Runtime, timer: Timer, n: int) -> tuple[Batch, Metrics]:
     pad_id = int(getattr(rt.train_data.dataset, "pad_id", 0))
     batch, metrics = fill_informative(one_round, cfg.data.train_batch_size, ds.max_rounds, multiple, pad_id)
     if metrics["dynamic_sampling/short"]:
-        announce(cfg, f"warning: step {rt.step}: {short_step_note(metrics, cfg.data.train_batch_size)}")
+        rt.short_steps += 1
+        if math.log10(rt.short_steps).is_integer():  # the 1st, 10th, 100th ...: the metric has every one
+            note = short_step_note(metrics, cfg.data.train_batch_size)
+            count = "" if rt.short_steps == 1 else f"; {rt.short_steps} steps short so far"
+            announce(cfg, f"warning: step {rt.step}: {note}{count} (every one: metric dynamic_sampling/short)")
     return batch, metrics
 
 

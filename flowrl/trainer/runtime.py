@@ -49,6 +49,7 @@ class Runtime:
     split: SplitRollout | None = None  # placement.rollout_workers > 0: rollout on workers of its own
     groups: dict[str, WorkerGroup] = field(default_factory=dict)
     step: int = 0  # the training step under way (set by the loop); seeds its rollouts
+    short_steps: int = 0  # steps that dynamic sampling left short of informative groups (this process)
     _rollouts_in_step: int = 0
     _slowest_step_s: float = 0.0
 

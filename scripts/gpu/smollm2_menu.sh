@@ -9,7 +9,8 @@
 #   rollout.gpu_memory_utilization=SHARE/len(ALGOS), SHARE default 0.8: vLLM 0.26 failed to size its KV cache
 #   when three runs started on one H100 at once, so the default is sequential).
 #   With PARALLEL=1 the runs share the GPU and CPU, so compare their learning, not their step times.
-# Writes OUT_DIR/ALGO/{train.log,run/metrics.jsonl}, OUT_DIR/summary.json and OUT_DIR/menu_curves.png.
+# Writes OUT_DIR/ALGO/{train.log,run/metrics.jsonl}, OUT_DIR/summary.json and OUT_DIR/menu_curves.png
+# (scripts/gpu/menu_summary.py, which also summarizes a folder whose runs were cut off).
 set -euo pipefail
 out=${1:?usage: $0 OUT_DIR [STEPS] [ALGO ...]}
 steps=${2:-100}
@@ -39,46 +40,11 @@ run() {  # run ALGO: one recipe, its log and metrics under OUT/ALGO
     trainer.eval_every="${EVAL_EVERY:-25}" trainer.run_dir="$out/$1/run" rollout.gpu_memory_utilization="$share" \
     2>&1 | grep --line-buffered -v " INFO \| WARNING \|it/s\]" > "$out/$1/train.log"
 }
+summary() { python3 "$(dirname "$0")/menu_summary.py" "$out" "${algos[@]}" || true; }
+trap 'exit 143' TERM INT
+trap summary EXIT  # also when the runs are cut off: the figures so far, from the logs where needed
 pids=()
 for algo in "${algos[@]}"; do
   if [ "${PARALLEL:-0}" = 1 ]; then run "$algo" & pids+=($!); sleep 20; else run "$algo" || true; fi
 done
 for pid in "${pids[@]}"; do wait "$pid" || true; done
-python3 - "$out" "${algos[@]}" <<'PY'
-import json, os, statistics, sys
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-out, algos = sys.argv[1], sys.argv[2:]
-summary, curves = {}, {}
-for algo in algos:
-    path = f"{out}/{algo}/run/metrics.jsonl"
-    if not os.path.exists(path):
-        summary[algo] = {"error": "no metrics (see train.log)"}
-        continue
-    rows = [json.loads(line) for line in open(path)]
-    train = [r for r in rows if "reward/mean" in r]
-    evals = sorted({r["step"]: r["val/accuracy"] for r in rows if "val/accuracy" in r}.items())
-    before = next((r["val/accuracy_before"] for r in rows if "val/accuracy_before" in r), None)
-    summary[algo] = {
-        "steps": len(train),
-        "val_accuracy_before": before,
-        "val_accuracy_by_step": evals,
-        "reward_mean_first10": statistics.mean(r["reward/mean"] for r in train[:10]) if train else None,
-        "reward_mean_last10": statistics.mean(r["reward/mean"] for r in train[-10:]) if train else None,
-        "response_length_mean_last10": statistics.mean(r["response_length/mean"] for r in train[-10:]) if train else None,
-    }
-    curves[algo] = (train, evals, before)
-json.dump(summary, open(f"{out}/summary.json", "w"), indent=1)
-print(json.dumps(summary, indent=1))
-fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-for algo, (train, evals, before) in curves.items():
-    left.plot([r["step"] for r in train], [r["reward/mean"] for r in train], lw=0.8, label=algo)
-    right.plot([0] + [s for s, _ in evals], [before] + [a for _, a in evals], "o-", label=algo)
-left.set_title("train reward (mean over the step's samples)", fontsize=10)
-right.set_title("held-out greedy accuracy (256 problems)", fontsize=10)
-for ax in (left, right):
-    ax.set_xlabel("step"); ax.set_ylim(0, 1); ax.grid(alpha=0.3); ax.legend(loc="lower right")
-fig.suptitle("SmolLM2-135M-Instruct on basic_arithmetic, one GPU, same data and seed", fontsize=10)
-fig.tight_layout(); fig.savefig(f"{out}/menu_curves.png", dpi=120)
-PY

@@ -245,7 +245,13 @@ def test_sample_warns_in_one_line_when_the_cap_leaves_the_step_short(tmp_path, c
     err = [line for line in capsys.readouterr().err.splitlines() if "dynamic sampling" in line]
     assert len(err) == 1 and "step 5" in err[0] and "max_rounds" in err[0]
     kept = int(m["dynamic_sampling/kept_groups"])
-    assert f"found {kept} of the 4 groups" in err[0] and err[0].endswith(f"training on {kept} groups, those")
+    assert f"found {kept} of the 4 groups" in err[0] and f"training on {kept} groups, those" in err[0]
+    assert err[0].endswith("(every one: metric dynamic_sampling/short)")
+    # a long run short at every step: the console says so at the 1st and 10th, not every step
+    for step in range(6, 15):
+        _step(rt, step)
+    err = [line for line in capsys.readouterr().err.splitlines() if "dynamic sampling" in line]
+    assert len(err) == 1 and "step 14" in err[0] and "10 steps short so far" in err[0], err
 
 
 def test_the_note_on_a_short_step_says_when_it_trains_on_the_first_round():
