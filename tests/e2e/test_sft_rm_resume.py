@@ -40,13 +40,16 @@ def start(command: list[str], out_dir: Path) -> subprocess.Popen:
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
 
 
-def kill_while_saving_step_3_then_resume(command, out_dir: Path, resume: list[str]) -> None:
+def kill_while_saving_step_3_then_resume(command, out_dir: Path, resume: list[str], reference: tuple) -> None:
+    """SIGKILL the run at ``out_dir`` while it writes step 3, then resume it; the uninterrupted
+    ``reference`` run (command, folder) goes alongside the resume (the kill's timing stays its own)."""
     proc = start(command, out_dir)
     wait_for(proc, lambda: (out_dir / "checkpoints" / "step_00000003.tmp").exists(), poll=0.002)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert find_latest(out_dir / "checkpoints").step == 2  # the half-written step 3 is never loaded
-    assert finish(start(command + resume, out_dir)) == 0
+    uninterrupted, resumed = start(*reference), start(command + resume, out_dir)
+    assert finish(resumed) == 0 and finish(uninterrupted) == 0
     assert "resumed from" in (out_dir.parent / f"{out_dir.name}.stderr.txt").read_text()
 
 
@@ -63,8 +66,7 @@ def test_sft_resumes_after_sigkill_with_the_uninterrupted_metrics(assets, tmp_pa
         return ["sft", str(path), "save_every=1"]
 
     reference, run = tmp_path / "reference", tmp_path / "run"
-    assert finish(start(recipe(reference), reference)) == 0
-    kill_while_saving_step_3_then_resume(recipe(run), run, ["resume=auto"])
+    kill_while_saving_step_3_then_resume(recipe(run), run, ["resume=auto"], (recipe(reference), reference))
     ref_rows, rows = read_metrics(str(reference)), read_metrics(str(run))
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == [0, 1, 2, 3, 4, 5, 5]
     assert stable(rows) == stable(ref_rows) and "train/loss" in rows[3]
@@ -90,8 +92,7 @@ def test_rm_resumes_after_sigkill_with_the_uninterrupted_metrics(assets, tmp_pat
         ]  # fmt: skip
 
     reference, run = tmp_path / "reference", tmp_path / "run"
-    assert finish(start(flags(reference), reference)) == 0
-    kill_while_saving_step_3_then_resume(flags(run), run, ["--resume", "auto"])
+    kill_while_saving_step_3_then_resume(flags(run), run, ["--resume", "auto"], (flags(reference), reference))
     ref_rows, rows = read_metrics(str(reference)), read_metrics(str(run))
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == [0, 1, 2, 3, 4, 5, 5]
     assert stable(rows) == stable(ref_rows) and "train/loss" in rows[3]
