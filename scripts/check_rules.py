@@ -37,7 +37,7 @@ LAYERS: dict[str, tuple[int, str]] = {}
 for _layer, _name, _units in [
     (5, "apps", ["cli", "quickstart", "demo", "export", "evaluation", "plot", "config_docs"]),
     (4, "drivers", ["drivers", "config"]),
-    (3, "trainer", ["trainer"]),
+    (3, "trainer", ["trainer", "planner"]),
     (2, "workers", ["workers"]),
     (1, "components", ["engines", "controller", "algos", "data", "rewards", "envs", "models", "tasks"]),
     (0, "base", ["batch", "keys", "plugins", "__init__"]),

@@ -80,6 +80,9 @@ def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics], state: dict[s
     With ``trainer.save_policy`` the final policy is written to ``RUN_DIR/policy``, a
     Hugging Face folder that transformers and vLLM load.
     """
+    from flowrl.planner.startup import planned_config
+
+    cfg, predicted = planned_config(cfg)  # trainer.plan=auto: the planned layout; else cfg as it is
     rt = build_runtime(cfg)
 
     def finish() -> None:
@@ -90,7 +93,7 @@ def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics], state: dict[s
         start = time.monotonic()
         metrics = train_step(rt)
         rt.step_timed(time.monotonic() - start)
-        return metrics
+        return metrics | predicted  # next to the measured timing/<stage>
 
     samples = os.path.join(cfg.trainer.run_dir, "val_samples.jsonl")
     return run_program(

@@ -1,0 +1,97 @@
+"""Predicted vs measured step time of the planner, on this machine.
+
+    python bench/plan_check.py recipes/grpo_arithmetic_tiny.yaml actor.model.path=DIR \
+        data.train_files=[DATA/train.parquet] --steps 6 --others 5 --out-dir /tmp/plan_check
+
+1. runs the recipe as written (``--steps`` steps) and fits the runtime overheads from it
+   (``flowrl plan --fit``: the micro-profile is taken first if not cached);
+2. plans the recipe, then runs the chosen plan (with ``trainer.plan=auto``, so the run plans for
+   itself and logs ``plan/predicted_*``) and ``--others`` other plans that fit, spread over the
+   ranking, each a fresh ``python -m flowrl.cli train`` run;
+3. prints, per plan, the predicted and measured step time (median of steps 2..N) and the error;
+   the fit run's layout is marked (its overheads were fitted on it, so it is in-sample).
+
+Each run is a subprocess; the runs go one after another, so they do not share the devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from flowrl.config import load_config
+from flowrl.planner import plan
+from flowrl.planner.fit import fit_overheads, measured_stages, read_steps
+from flowrl.planner.layout import Layout
+
+RUN_KEYS = ["trainer.loggers=[jsonl]", "trainer.save_every=-1", "trainer.save_policy=false", "data.val_files=[]"]
+
+
+def train(recipe: str, overrides: list[str], run_dir: str, steps: int, extra: list[str]) -> float:
+    """One ``flowrl train`` run; its wall seconds."""
+    cmd = [sys.executable, "-m", "flowrl.cli", "train", recipe, *overrides, *RUN_KEYS, *extra,
+           f"trainer.run_dir={run_dir}", f"trainer.total_steps={steps}", "trainer.quiet=true"]  # fmt: skip
+    start = time.monotonic()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.monotonic() - start
+
+
+def spread(plans: list, k: int) -> list:
+    """``k`` plans from the list, distinct in workers/placement/micro-batching first, spread over the ranking."""
+    if len(plans) <= k:
+        return plans
+    picked, seen = [], set()
+    for p in plans:  # one of each kind (workers, placement, checkpointing) first
+        kind = (p.layout.num_workers, p.layout.rollout_workers, p.layout.gradient_checkpointing, p.layout.offload)
+        if kind not in seen:
+            seen.add(kind)
+            picked.append(p)
+    rest = [p for p in plans if p not in picked]
+    step = max(1, len(rest) // max(1, k - len(picked)))
+    picked += rest[::step]
+    return sorted(picked[:k], key=lambda p: p.seconds["step"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--others", type=int, default=5)
+    parser.add_argument("--out-dir", default="/tmp/plan_check")
+    args = parser.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
+
+    fit_dir = os.path.join(args.out_dir, "fit")
+    wall = train(args.recipe, args.overrides, fit_dir, args.steps, [])
+    fit_overheads([fit_dir])
+    cfg = load_config(args.recipe, args.overrides)
+    result = plan(cfg)
+    fit_layout = Layout.of(cfg)
+    print(f"fit run: {fit_layout.short()} ({wall:.0f} s); {result.considered} layouts, {result.rejected_for_memory} rejected by memory")
+    print(result.table(8))
+    rows = []
+    chosen_dir = os.path.join(args.out_dir, "chosen")
+    train(args.recipe, args.overrides, chosen_dir, args.steps, ["trainer.plan=auto"])
+    with open(os.path.join(chosen_dir, "plan.json")) as f:
+        recorded = json.load(f)["chosen"]
+    rows.append(("chosen", recorded["summary"], recorded["predicted_s"]["step"], chosen_dir))
+    others = spread([p for p in result.alternatives if p.layout.short() != recorded["summary"]], args.others)
+    for i, p in enumerate(others):
+        run_dir = os.path.join(args.out_dir, f"other{i + 1}")
+        train(args.recipe, args.overrides, run_dir, args.steps, p.layout.overrides())
+        rows.append((f"other{i + 1}", p.layout.short(), p.seconds["step"], run_dir))
+    print(f"\n| plan | layout | predicted s/step | measured s/step | error |")
+    print("|---|---|---|---|---|")
+    for tag, summary, predicted, run_dir in rows:
+        measured = measured_stages(read_steps(run_dir))["step"]
+        mark = " (fit layout)" if summary == fit_layout.short() else ""
+        print(f"| {tag}{mark} | {summary} | {predicted:.3f} | {measured:.3f} | {100 * (predicted - measured) / measured:+.1f}% |")
+
+
+if __name__ == "__main__":
+    main()

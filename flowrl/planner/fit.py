@@ -1,0 +1,92 @@
+"""Runtime overheads from measured runs: what the micro-profile cannot see (worker-group calls,
+batch transfers, vLLM's scheduling, gloo/NCCL start-up of each collective).
+
+For each stage, the overhead is the median over a run's steady steps (from step 2) of the
+measured ``timing/<stage>`` minus the compute the model predicts for that run's layout (with
+the run's own mean response length), averaged over the runs given. It is added to every
+layout's prediction of that stage, so it must come from runs on the same machine and model
+shape: ``flowrl plan RECIPE --fit RUN_DIR`` stores it next to the profile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from flowrl.planner.calibrate import cache_path, load_or_profile, save
+from flowrl.planner.cost import Coefficients, predict
+from flowrl.planner.layout import Layout
+from flowrl.planner.search import setting_of
+
+
+def read_steps(run_dir: str, first_step: int = 2) -> list[dict[str, float]]:
+    """The training steps of ``RUN_DIR/metrics.jsonl`` from ``first_step`` on (the first pays warm-ups)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise ValueError(f"{run_dir}: no metrics.jsonl; give the run directory of a finished flowrl train run")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    steps = [r for r in rows if "timing/step" in r and r["step"] >= first_step]
+    if not steps:
+        raise ValueError(f"{run_dir}: no training step from step {first_step} in metrics.jsonl; run at least {first_step} steps")
+    return steps
+
+
+def measured_stages(steps: list[dict[str, float]]) -> dict[str, float]:
+    """Median seconds of each ``timing/<stage>`` (and ``step``) over the steps."""
+    keys = {k for r in steps for k in r if k.startswith("timing/")}
+    return {k.removeprefix("timing/"): statistics.median(r[k] for r in steps if k in r) for k in keys}
+
+
+def run_config(run_dir: str) -> Any:
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise ValueError(f"{run_dir}: no config.yaml; give the run directory of a flowrl train run")
+    return OmegaConf.load(path)
+
+
+def fit_overheads(run_dirs: list[str], refresh: bool = False) -> tuple[Coefficients, str]:
+    """Fit the per-stage overheads from ``run_dirs`` into the cached coefficients; -> (them, file)."""
+    residuals: dict[str, list[float]] = {}
+    coefficients, path = None, ""
+    for run_dir in run_dirs:
+        cfg, steps = run_config(run_dir), read_steps(run_dir)
+        response = statistics.mean(r.get("response_length/mean", cfg.rollout.max_response_length) for r in steps)
+        setting = setting_of(cfg, response_tokens=response)
+        if coefficients is None:
+            coefficients, file, _ = load_or_profile(setting.shape, cfg.actor.model.dtype, setting.device.use_gpu, refresh)
+            path = str(file)
+        bare = dataclasses.replace(coefficients, overheads={s: 0.0 for s in coefficients.overheads})
+        compute = predict(setting, Layout.of(cfg), bare)
+        for stage, seconds in measured_stages(steps).items():
+            if stage in compute and stage != "step":
+                residuals.setdefault(stage, []).append(seconds - compute[stage])
+    assert coefficients is not None
+    fitted = dataclasses.replace(
+        coefficients,
+        overheads=coefficients.overheads | {s: max(0.0, statistics.mean(v)) for s, v in residuals.items()},
+        fitted_from=[os.path.abspath(d) for d in run_dirs],
+    )
+    save(fitted, cache_path(setting.shape, cfg.actor.model.dtype, setting.device.use_gpu))
+    return fitted, path
+
+
+def compare(run_dir: str) -> dict[str, dict[str, float]]:
+    """A run's measured median stage seconds next to what its ``plan.json`` (or, without one, the
+    cached coefficients for its layout) predicted: {stage: {"predicted": s, "measured": s}}."""
+    measured = measured_stages(read_steps(run_dir))
+    plan_file = os.path.join(run_dir, "plan.json")
+    if os.path.isfile(plan_file):
+        with open(plan_file) as f:
+            predicted = json.load(f)["chosen"]["predicted_s"]
+    else:
+        cfg = run_config(run_dir)
+        setting = setting_of(cfg)
+        c, _, _ = load_or_profile(setting.shape, cfg.actor.model.dtype, setting.device.use_gpu)
+        predicted = predict(setting, Layout.of(cfg), c)
+    return {s: {"predicted": predicted[s], "measured": measured[s]} for s in predicted if s in measured}
