@@ -74,8 +74,9 @@ def save(coefficients: Coefficients, path: Path) -> None:
     tmp.replace(path)
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up."""
+def timed(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
+    """The fastest of ``repeats`` runs of ``fn`` after one warm-up, in seconds (the least disturbed
+    by other work on the machine)."""
     fn()
     times = []
     for _ in range(repeats):
@@ -84,7 +85,7 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> f
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def _sync(device: torch.device) -> None:
@@ -92,10 +93,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def line_fit(x1: float, y1: float, x2: float, y2: float) -> tuple[float, float]:
-    """(intercept, slope) through two points; slope >= 0 and intercept >= 0."""
-    slope = max((y2 - y1) / (x2 - x1), 0.0) if x2 != x1 else 0.0
-    return max(y1 - slope * x1, 0.0), slope
+def line_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line through (x, y) points, both clamped to >= 0."""
+    mx = statistics.mean(x for x, _ in points)
+    my = statistics.mean(y for _, y in points)
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = max(sum((x - mx) * (y - my) for x, y in points) / sxx, 0.0) if sxx else 0.0
+    return max(my - slope * mx, 0.0), slope
 
 
 def profile_model(shape: ModelShape, dtype: str, device: torch.device) -> tuple[torch.nn.Module, ModelShape]:
@@ -122,22 +126,22 @@ def profile(shape: ModelShape, dtype: str, use_gpu: bool, seq: int = 128) -> Coe
         torch.manual_seed(0)
         model, small = profile_model(shape, dtype, device)
         scale = shape.layers / small.layers  # fixed costs per micro-step grow with the layers
-        rows = (1, 8) if not use_gpu else (4, 32)
+        rows = (1, 4, 8) if not use_gpu else (4, 16, 32)
         fwd = [_pass_time(model, small, r, seq, device, train=False) for r in rows]
         train = [_pass_time(model, small, r, seq, device, train=True) for r in rows]
-        fwd_call, fwd_rate = line_fit(*fwd[0], *fwd[1])
-        train_call, train_rate = line_fit(*train[0], *train[1])
+        fwd_call, fwd_rate = line_fit(fwd)
+        train_call, train_rate = line_fit(train)
         optim = _optimizer_time(model, device) / sum(p.numel() for p in model.parameters())
         copy = _copy_s_per_byte(device)
-        decode = [_decode_step_time(model, b, device) for b in (1, 16)]
-        step0, per_seq = line_fit(1, decode[0], 16, decode[1])
+        batches = (1, 8, 16)
+        step0, per_seq = line_fit([(b, _decode_step_time(model, b, device)) for b in batches])
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         step_fixed = max(step0 - weight_bytes * copy, 0.2 * step0)
         speedup = {"1": 1.0}
         if not use_gpu and (os.cpu_count() or 1) > 1:
             torch.set_num_threads(os.cpu_count() or 1)
-            many = _pass_time(model, small, rows[1], seq, device, train=True)[1]
-            speedup[str(os.cpu_count())] = train[1][1] / many
+            many = _pass_time(model, small, rows[-1], seq, device, train=True)[1]
+            speedup[str(os.cpu_count())] = train[-1][1] / many
     finally:
         torch.set_num_threads(threads)
     return Coefficients(

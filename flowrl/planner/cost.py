@@ -21,6 +21,8 @@ from flowrl.planner.layout import Layout
 from flowrl.planner.memory import DTYPE_BYTES, Device, Roles, Workload, kv_cache_tokens
 from flowrl.planner.shape import ModelShape
 
+FORWARD_FLOPS_PER_PARAM = 2  # per token: one multiply and one add per weight
+TRAIN_FLOPS_PER_PARAM = 6  # forward + backward (gradients of activations and of weights: 2 x forward)
 STAGES = ("generate", "reward", "old_logprobs", "ref", "values", "critic_update", "update", "weight_sync")
 MAX_NUM_SEQS = 256  # vLLM's concurrent sequences per engine (VLLMRolloutConfig.max_num_seqs)
 # Until a run is fitted: seconds per call of each stage's worker-group method (Ray dispatch,
@@ -62,7 +64,8 @@ def forward_flops(shape: ModelShape, tokens: float, context: float, head_tokens:
     runs on ``head_tokens`` of them (the responses)."""
     body = shape.layers * shape.layer_params
     attention = 4 * shape.layers * shape.q_width * context
-    return 2 * body * tokens + attention * tokens + 2 * shape.vocab * shape.hidden * head_tokens
+    f = FORWARD_FLOPS_PER_PARAM
+    return f * body * tokens + attention * tokens + f * shape.vocab * shape.hidden * head_tokens
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,8 @@ def pass_seconds(s: Setting, layout: Layout, c: Coefficients, train: bool, shape
     flops = forward_flops(shape, rows * seq, seq / 2, rows * w.response_tokens)
     speed = c.speedup(threads_per_worker(s.device, layout))
     if train:
-        flops *= 4 if layout.gradient_checkpointing else 3
+        passes = TRAIN_FLOPS_PER_PARAM // FORWARD_FLOPS_PER_PARAM  # 3 forwards' worth
+        flops *= passes + 1 if layout.gradient_checkpointing else passes  # checkpointing: the forward again
         seconds = k * c.train_call_s + flops * c.train_s_per_flop / speed
     else:
         seconds = k * c.fwd_call_s + flops * c.fwd_s_per_flop / speed

@@ -149,24 +149,37 @@ def trainer_state_bytes(shape: ModelShape, world: int, lora: bool) -> tuple[floa
     return params, params, 2 * params
 
 
-def stage_peaks(shape: ModelShape, w: Workload, layout: Layout, roles: Roles, device: Device) -> dict[str, float]:
-    """Peak bytes per stage on the most loaded device (GPU) or on the whole host (CPU)."""
-    W, pb = layout.num_workers, DTYPE_BYTES[roles.param_dtype]
-    params, grads, optim = trainer_state_bytes(shape, W, roles.lora)
+def resident_bytes(shape: ModelShape, layout: Layout, roles: Roles) -> float:
+    """What stays on a trainer rank between stages: parameters, optimizer state, other models."""
+    W = layout.num_workers
+    params, _, optim = trainer_state_bytes(shape, W, roles.lora)
     others = (DTYPE_BYTES[roles.ref_dtype] * shape.params / W) if roles.reference else 0.0
     if roles.critic is not None:
         others += 16 * roles.critic.params / W
-    resident = params + optim + others
-    gathered = gathered_bytes(shape, pb, W)
+    return params + optim + others
+
+
+def transient_bytes(shape: ModelShape, w: Workload, layout: Layout, roles: Roles) -> dict[str, float]:
+    """What a trainer rank allocates on top of ``resident_bytes`` in each training-side stage."""
+    pb = DTYPE_BYTES[roles.param_dtype]
+    _, grads, _ = trainer_state_bytes(shape, layout.num_workers, roles.lora)
+    gathered = gathered_bytes(shape, pb, layout.num_workers)
     tokens = micro_tokens(w, layout)
     resp_tokens = tokens * w.max_response_tokens // max(w.max_seq_tokens, 1)
     act = activation_bytes(shape, tokens, pb, layout.gradient_checkpointing)
     fwd_act = tokens * pb * (2 * shape.hidden + shape.intermediate)  # one layer's transients
-    peaks = {
-        "update": resident + grads + gathered + act + logits_bytes(shape, resp_tokens, roles.logits_chunk, True),
-        "old_logprobs": resident + gathered + fwd_act + logits_bytes(shape, resp_tokens, roles.logits_chunk, False),
-        "weight_sync": resident + min(roles.sync_bucket_mb * 2**20, 4 * shape.params) + 4 * shape.layer_params,
+    return {
+        "update": grads + gathered + act + logits_bytes(shape, resp_tokens, roles.logits_chunk, True),
+        "old_logprobs": gathered + fwd_act + logits_bytes(shape, resp_tokens, roles.logits_chunk, False),
+        "weight_sync": min(roles.sync_bucket_mb * 2**20, 4 * shape.params) + 4 * shape.layer_params,
     }
+
+
+def stage_peaks(shape: ModelShape, w: Workload, layout: Layout, roles: Roles, device: Device) -> dict[str, float]:
+    """Peak bytes per stage on the most loaded device (GPU) or on the whole host (CPU)."""
+    W = layout.num_workers
+    resident = resident_bytes(shape, layout, roles)
+    peaks = {k: resident + v for k, v in transient_bytes(shape, w, layout, roles).items()}
     rollout = rollout_bytes(shape, w, layout, roles, device)
     on_device_while_generating = 0.0 if layout.offload else resident
     per_process = (CUDA_CONTEXT_GIB if device.use_gpu else CPU_PROCESS_GIB) * GIB
@@ -176,8 +189,7 @@ def stage_peaks(shape: ModelShape, w: Workload, layout: Layout, roles: Roles, de
         return peaks
     # CPU: every process of the plan shares the host; vLLM's memory is held all the time
     engines = layout.rollout_workers if layout.split else W // layout.tensor_parallel_size
-    processes = W + layout.rollout_workers
-    held = engines * rollout + processes * per_process
+    held = engines * rollout + (W + layout.rollout_workers) * per_process
     out = {k: W * v + held for k, v in peaks.items()}
     out["generate"] = W * resident + held
     return out

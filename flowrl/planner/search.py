@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from flowrl.keys import Keys
 from flowrl.planner.calibrate import load_or_profile
 from flowrl.planner.cost import Coefficients, Setting, predict
 from flowrl.planner.layout import Layout, candidate_layouts, layout_errors
-from flowrl.planner.memory import GIB, Device, Roles, Workload, memory_errors, stage_peaks
+from flowrl.planner.memory import GIB, HEADROOM, Device, Roles, Workload, memory_errors, stage_peaks
 from flowrl.planner.shape import ModelShape
 
 
@@ -156,54 +157,54 @@ def device_here(use_gpu: bool) -> Device:
     return Device.cpu_here()
 
 
-def evaluate(setting: Setting, layout: Layout, c: Coefficients) -> tuple[Plan, list[str]]:
-    """The layout's prediction and its memory errors ([] if it fits)."""
-    peak, errors = memory_errors(setting.shape, setting.workload, layout, setting.roles, setting.device)
-    peaks = stage_peaks(setting.shape, setting.workload, layout, setting.roles, setting.device)
-    plan = Plan(layout, predict(setting, layout, c), peak, {k: v / GIB for k, v in peaks.items()})
-    return plan, errors
+def fitting_layouts(cfg: Any, setting: Setting) -> tuple[list[tuple[Layout, float, dict[str, float]]], Layout | None, int, float]:
+    """The valid layouts that fit in memory as (layout, peak GiB, peaks per stage), the recipe's own
+    layout if valid, how many were valid, and the smallest peak among those that do not fit."""
+    d = setting.device
+    layouts = set(candidate_layouts(cfg, setting.shape, d.count, d.use_gpu, setting.workload.max_seq_tokens))
+    requested = Layout.of(cfg)
+    if not layout_errors(cfg, requested, setting.shape, d.count, d.use_gpu):
+        layouts.add(requested)
+    fits, smallest = [], float("inf")
+    for layout in sorted(layouts, key=lambda x: x.short()):
+        peak, errors = memory_errors(setting.shape, setting.workload, layout, setting.roles, d)
+        if errors:
+            smallest = min(smallest, peak)
+            continue
+        peaks = stage_peaks(setting.shape, setting.workload, layout, setting.roles, d)
+        fits.append((layout, peak, {k: v / GIB for k, v in peaks.items()}))
+    return fits, requested if requested in layouts else None, len(layouts), smallest
 
 
 def search(cfg: Any, setting: Setting, c: Coefficients) -> tuple[list[Plan], Plan | None, int, int, float]:
     """(fitting plans fastest first, the recipe's plan if valid and fitting, valid layouts,
     rejected for memory, smallest rejected peak)."""
-    d = setting.device
-    layouts = set(candidate_layouts(cfg, setting.shape, d.count, d.use_gpu, setting.workload.max_seq_tokens))
-    requested_layout = Layout.of(cfg)
-    if not layout_errors(cfg, requested_layout, setting.shape, d.count, d.use_gpu):
-        layouts.add(requested_layout)
-    fits, requested, rejected, smallest = [], None, 0, float("inf")
-    for layout in sorted(layouts, key=lambda x: x.short()):
-        plan, errors = evaluate(setting, layout, c)
-        if errors:
-            rejected += 1
-            smallest = min(smallest, plan.peak_gib)
-            continue
-        fits.append(plan)
-        if layout == requested_layout:
-            requested = plan
-    fits.sort(key=lambda p: (p.seconds["step"], p.peak_gib))
-    return fits, requested, len(layouts), rejected, smallest
+    fits, requested_layout, considered, smallest = fitting_layouts(cfg, setting)
+    plans = [Plan(layout, predict(setting, layout, c), peak, peaks) for layout, peak, peaks in fits]
+    requested = next((p for p in plans if p.layout == requested_layout), None)
+    plans.sort(key=lambda p: (p.seconds["step"], p.peak_gib))
+    return plans, requested, considered, considered - len(plans), smallest
 
 
 def plan(cfg: Any, device: Device | None = None, refresh: bool = False, **workload: float) -> PlanResult:
-    """The fastest predicted layout of ``cfg`` that fits in memory, with the runners-up."""
+    """The fastest predicted layout of ``cfg`` that fits in memory, with the runners-up. The memory
+    model filters first, so a run that cannot fit says so without profiling anything."""
     setting = setting_of(cfg, device, **workload)
-    import time
-
-    started = time.monotonic()
-    c, path, profiled = load_or_profile(setting.shape, cfg.actor.model.dtype, setting.device.use_gpu, refresh)
-    seconds = time.monotonic() - started if profiled else 0.0
-    fits, requested, considered, rejected, smallest = search(cfg, setting, c)
+    fits, _, considered, smallest = fitting_layouts(cfg, setting)
     if not fits:
         where = "per GPU" if setting.device.use_gpu else "of host memory"
         if considered == 0:
             raise NoPlanFits(f"no layout of this recipe is valid on {setting.device.count} devices")
         raise NoPlanFits(
             f"no plan fits in memory: the smallest predicted peak of {considered} layouts is {smallest:.2f} GiB "
-            f"{where}, {setting.device.memory_gib:.2f} GiB available; use a smaller model, shorter sequences or more devices"
+            f"{where}, {HEADROOM:.0%} of {setting.device.memory_gib:.2f} GiB available; use a smaller model, "
+            "shorter sequences or more devices"
         )
-    return PlanResult(fits[0], fits[1:], requested, considered, rejected, setting, c, str(path), seconds)
+    started = time.monotonic()
+    c, path, profiled = load_or_profile(setting.shape, cfg.actor.model.dtype, setting.device.use_gpu, refresh)
+    seconds = time.monotonic() - started if profiled else 0.0
+    plans, requested, considered, rejected, _ = search(cfg, setting, c)
+    return PlanResult(plans[0], plans[1:], requested, considered, rejected, setting, c, str(path), seconds)
 
 
 def write_plan(result: PlanResult, run_dir: str) -> str:
