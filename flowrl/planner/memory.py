@@ -167,7 +167,9 @@ def transient_bytes(shape: ModelShape, w: Workload, layout: Layout, roles: Roles
     tokens = micro_tokens(w, layout)
     resp_tokens = tokens * w.max_response_tokens // max(w.max_seq_tokens, 1)
     act = activation_bytes(shape, tokens, pb, layout.gradient_checkpointing)
-    fwd_act = tokens * pb * (2 * shape.hidden + shape.intermediate)  # one layer's transients
+    # a no-grad layer at its MLP: the residual stream, its norm, the layer's output (4 h) and
+    # activation, up projection and their product (3 i)
+    fwd_act = tokens * pb * (4 * shape.hidden + 3 * shape.intermediate)
     return {
         "update": grads + gathered + act + logits_bytes(shape, resp_tokens, roles.logits_chunk, True),
         "old_logprobs": gathered + fwd_act + logits_bytes(shape, resp_tokens, roles.logits_chunk, False),
