@@ -74,6 +74,8 @@ NOT_BATCH_KEYS: dict[tuple[str, str], str] = {
     ("flowrl/workers/agent_loop.py", "dataset_rows"): "the dataset row an environment is reset with",
     ("flowrl/evaluation.py", "sample_records"): "the JSONL record format of evaluation samples",
     ("flowrl/algos/losses.py", "entropy_loss"): "the metric name 'entropy'",
+    ("flowrl/planner/cost.py", "predict"): "the step's stage names (timing/<stage>)",
+    ("flowrl/planner/memory.py", "transient_bytes"): "the step's stage names (timing/<stage>)",
 }
 
 # ---- 4. mypy -------------------------------------------------------------------------------

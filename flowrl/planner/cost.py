@@ -27,8 +27,7 @@ STAGES = ("generate", "reward", "old_logprobs", "ref", "values", "critic_update"
 MAX_NUM_SEQS = 256  # vLLM's concurrent sequences per engine (VLLMRolloutConfig.max_num_seqs)
 # Until a run is fitted: seconds per call of each stage's worker-group method (Ray dispatch,
 # batch transfer, scheduling); the reward stage per call and per response (rule functions).
-DEFAULT_OVERHEADS = {"generate": 0.02, "reward": 0.002, "old_logprobs": 0.02, "ref": 0.02, "values": 0.02,
-                     "critic_update": 0.03, "update": 0.03, "weight_sync": 0.02}  # fmt: skip
+DEFAULT_OVERHEADS = dict(zip(STAGES, (0.02, 0.002, 0.02, 0.02, 0.02, 0.03, 0.03, 0.02)))
 
 
 @dataclass
