@@ -49,13 +49,25 @@ class Coefficients:
     threads: int = 1  # torch threads per worker the compute numbers were measured with
     thread_speedup: dict[str, float] = field(default_factory=dict)  # str(threads) -> compute speed-up
     overheads: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_OVERHEADS))
+    # fitted per process layout (``process_class``): the runtime's cost differs with the number
+    # of processes and threads far more than the profile's compute does
+    class_overheads: dict[str, dict[str, float]] = field(default_factory=dict)
     fitted_from: list[str] = field(default_factory=list)  # run directories the overheads came from
+
+    def overheads_for(self, layout: Layout) -> dict[str, float]:
+        """The overheads fitted on runs of the layout's process class, else the mean over all runs."""
+        return self.overheads | self.class_overheads.get(process_class(layout), {})
 
     def speedup(self, threads: int) -> float:
         """Compute speed with ``threads`` threads relative to the profile's (measured points, else 1)."""
         known = {int(k): v for k, v in self.thread_speedup.items()}
         best = max((t for t in known if t <= threads), default=None)
         return known[best] if best is not None else 1.0
+
+
+def process_class(layout: Layout) -> str:
+    """The processes of a layout: trainer ranks, rollout workers, tensor parallelism (``W2-R0-T1``)."""
+    return f"W{layout.num_workers}-R{layout.rollout_workers}-T{layout.tensor_parallel_size}"
 
 
 def forward_flops(shape: ModelShape, tokens: float, context: float, head_tokens: float) -> float:
@@ -158,7 +170,7 @@ def sync_seconds(s: Setting, layout: Layout, c: Coefficients) -> float:
 def predict(s: Setting, layout: Layout, c: Coefficients) -> dict[str, float]:
     """Predicted seconds of each stage of one step, and ``step`` (their sum; with asynchronous
     split placement, generation overlaps training: the longer of the two)."""
-    o = c.overheads
+    o = c.overheads_for(layout)
     out: dict[str, float] = {}
     compute = {
         "generate": lambda: generate_seconds(s, layout, c),

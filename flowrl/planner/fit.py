@@ -3,9 +3,11 @@ batch transfers, vLLM's scheduling, gloo/NCCL start-up of each collective).
 
 For each stage, the overhead is the median over a run's steady steps (from step 2) of the
 measured ``timing/<stage>`` minus the compute the model predicts for that run's layout (with
-the run's own mean response length), averaged over the runs given. It is added to every
-layout's prediction of that stage, so it must come from runs on the same machine and model
-shape: ``flowrl plan RECIPE --fit RUN_DIR`` stores it next to the profile.
+the run's own mean response length), averaged over the runs given. It is added to the
+prediction of that stage for every layout with the same processes (``process_class``: trainer
+ranks, rollout workers, tensor parallelism); a class no run had gets the mean over all runs.
+So the runs must come from the same machine and model shape, ideally one per process class
+the search may choose: ``flowrl plan RECIPE --fit RUN_DIR ...`` stores it next to the profile.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from flowrl.planner.calibrate import cache_path, load_or_profile, save
-from flowrl.planner.cost import Coefficients, predict
+from flowrl.planner.cost import Coefficients, predict, process_class
 from flowrl.planner.layout import Layout
 from flowrl.planner.search import setting_of
 
@@ -53,6 +55,7 @@ def run_config(run_dir: str) -> Any:
 def fit_overheads(run_dirs: list[str], refresh: bool = False) -> tuple[Coefficients, str]:
     """Fit the per-stage overheads from ``run_dirs`` into the cached coefficients; -> (them, file)."""
     residuals: dict[str, list[float]] = {}
+    by_class: dict[str, dict[str, list[float]]] = {}
     coefficients, path = None, ""
     for run_dir in run_dirs:
         cfg, steps = run_config(run_dir), read_steps(run_dir)
@@ -61,15 +64,18 @@ def fit_overheads(run_dirs: list[str], refresh: bool = False) -> tuple[Coefficie
         if coefficients is None:
             coefficients, file, _ = load_or_profile(setting.shape, cfg.actor.model.dtype, setting.device.use_gpu, refresh)
             path = str(file)
-        bare = dataclasses.replace(coefficients, overheads={s: 0.0 for s in coefficients.overheads})
-        compute = predict(setting, Layout.of(cfg), bare)
+        bare = dataclasses.replace(coefficients, overheads={s: 0.0 for s in coefficients.overheads}, class_overheads={})
+        layout = Layout.of(cfg)
+        compute = predict(setting, layout, bare)
         for stage, seconds in measured_stages(steps).items():
             if stage in compute and stage != "step":
                 residuals.setdefault(stage, []).append(seconds - compute[stage])
+                by_class.setdefault(process_class(layout), {}).setdefault(stage, []).append(seconds - compute[stage])
     assert coefficients is not None
     fitted = dataclasses.replace(
         coefficients,
         overheads=coefficients.overheads | {s: max(0.0, statistics.mean(v)) for s, v in residuals.items()},
+        class_overheads={k: {s: max(0.0, statistics.mean(v)) for s, v in stages.items()} for k, stages in by_class.items()},
         fitted_from=[os.path.abspath(d) for d in run_dirs],
     )
     save(fitted, cache_path(setting.shape, cfg.actor.model.dtype, setting.device.use_gpu))

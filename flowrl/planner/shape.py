@@ -48,8 +48,11 @@ class ModelShape:
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike) -> ModelShape:
-        with open(os.path.join(path, "config.json")) as f:
-            return cls.from_hf_config(json.load(f))
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                return cls.from_hf_config(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{os.fspath(path)}: no readable config.json ({type(e).__name__}); give a Hugging Face model folder") from None
 
     @property
     def q_width(self) -> int:

@@ -81,8 +81,12 @@ def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics], state: dict[s
     Hugging Face folder that transformers and vLLM load.
     """
     from flowrl.planner.startup import planned_config
+    from flowrl.trainer.preflight import InputError
 
-    cfg, predicted = planned_config(cfg)  # trainer.plan=auto: the planned layout; else cfg as it is
+    try:
+        cfg, predicted = planned_config(cfg)  # trainer.plan=auto: the planned layout; else cfg as it is
+    except ValueError as e:  # no plan fits, no model config: flowrl train says it in one line (exit status 2)
+        raise InputError(f"trainer.plan=auto: {e}") from None
     rt = build_runtime(cfg)
 
     def finish() -> None:
