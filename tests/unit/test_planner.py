@@ -197,3 +197,39 @@ def test_profile_is_cached_and_positive(tmp_path, monkeypatch):
     assert first.decode_step_s > 0 and first.copy_s_per_byte > 0 and first.optim_s_per_param > 0
     again, _, profiled_again = load_or_profile(shape, "float32", False)
     assert not profiled_again and again == first
+
+
+def fake_run(run_dir, cfg, layout: Layout, seconds: dict[str, float]) -> None:
+    """A run directory as flowrl train leaves it: config.yaml and three steps of timings."""
+    from omegaconf import OmegaConf
+
+    run_dir.mkdir(parents=True)
+    OmegaConf.save(recipe(cfg.actor.model.path, *layout.overrides()), run_dir / "config.yaml")
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for step in (1, 2, 3):
+            timings = {f"timing/{k}": v * (3.0 if step == 1 else 1.0) for k, v in seconds.items()}  # step 1 warms up
+            f.write(json.dumps({"step": step, **timings, "timing/step": sum(timings.values())}) + "\n")
+
+
+def test_overheads_fitted_per_process_class(tmp_path, monkeypatch):
+    from flowrl.planner.fit import compare, fit_overheads
+
+    monkeypatch.setenv("FLOWRL_PLANNER_CACHE", str(tmp_path / "cache"))
+    cfg = recipe(shape_folder(tmp_path, "qwen2.5-0.5b"))
+    shape = ModelShape.from_folder(cfg.actor.model.path)
+    save(COEFFICIENTS, cache_path(shape, "float32", False))
+    one, two = Layout(num_workers=1, micro_batch_size=8), Layout(num_workers=2, micro_batch_size=8)
+    stages = ("generate", "reward", "old_logprobs", "update", "weight_sync")
+    fake_run(tmp_path / "w1", cfg, one, dict(zip(stages, (100.0, 1.0, 50.0, 200.0, 10.0))))
+    fake_run(tmp_path / "w2", cfg, two, dict(zip(stages, (60.0, 1.0, 30.0, 100.0, 20.0))))
+    fitted, _ = fit_overheads([str(tmp_path / "w1"), str(tmp_path / "w2")])
+    # each fitted layout's prediction is its measured median (steps from 2 on), stage by stage
+    for name, seconds in (("w1", (100.0, 1.0, 50.0, 200.0, 10.0)), ("w2", (60.0, 1.0, 30.0, 100.0, 20.0))):
+        rows = compare(str(tmp_path / name))
+        for stage, want in zip(stages, seconds):
+            assert rows[stage]["measured"] == want
+            assert rows[stage]["predicted"] == pytest.approx(want, rel=1e-6)
+    # a class no run had (4 ranks) gets the mean of the two runs' overheads
+    assert fitted.overheads_for(Layout(num_workers=4))["update"] == pytest.approx(
+        (fitted.overheads_for(one)["update"] + fitted.overheads_for(two)["update"]) / 2
+    )
