@@ -3,9 +3,10 @@
     python bench/plan_check.py recipes/grpo_arithmetic_tiny.yaml actor.model.path=DIR \
         data.train_files=[DATA/train.parquet] --steps 6 --others 5 --out-dir /tmp/plan_check
 
-1. profiles the machine (if not cached), then runs one layout per process class the search
-   may choose (trainer ranks, rollout workers: ``--fit-classes``), each with the recipe's
-   micro-batching, and fits the runtime overheads from them (``flowrl plan --fit``);
+1. profiles the machine (if not cached), then runs two layouts per process class the search
+   may choose (trainer ranks, rollout workers: ``--fit-classes``), with the recipe's
+   micro-batching and with half of it, and fits the runtime overheads from them
+   (``flowrl plan --fit``);
 2. plans the recipe, then runs the chosen plan (with ``trainer.plan=auto``, so the run plans for
    itself and logs ``plan/predicted_*``) and ``--others`` other plans that fit, spread over the
    ranking and none of them a fit run's layout, each a fresh ``python -m flowrl.cli train`` run;
@@ -58,8 +59,10 @@ def spread(plans: list, k: int) -> list:
 
 
 def fit_layouts(cfg, result, limit: int) -> list[Layout]:
-    """One layout per process class the search may choose (fastest classes first): the recipe's
-    micro-batching with that class's workers where valid, else the class's fastest plan."""
+    """Two layouts per process class the search may choose (fastest classes first, ``limit``
+    classes): the recipe's micro-batching with that class's workers where valid (else the class's
+    fastest plan), and the same with half (or twice) the rows per micro-batch, so the fit can tell
+    the cost per micro-batch from the fixed one."""
     from dataclasses import replace
 
     from flowrl.planner.cost import process_class
@@ -74,9 +77,16 @@ def fit_layouts(cfg, result, limit: int) -> list[Layout]:
         seen.add(kind)
         mine = replace(base, num_workers=p.layout.num_workers, rollout_workers=p.layout.rollout_workers,
                        tensor_parallel_size=p.layout.tensor_parallel_size, max_staleness=p.layout.max_staleness)  # fmt: skip
-        valid = not layout_errors(cfg, mine, s.shape, s.device.count, s.device.use_gpu)
-        out.append(mine if valid else p.layout)
-    return out[:limit]
+        mine = mine if not layout_errors(cfg, mine, s.shape, s.device.count, s.device.use_gpu) else p.layout
+        out.append(mine)
+        for rows in (mine.micro_batch_size // 2, mine.micro_batch_size * 2):  # a second micro-batch count
+            other = replace(mine, micro_batch_size=rows, max_tokens_per_micro_batch=0)
+            if rows >= 1 and not layout_errors(cfg, other, s.shape, s.device.count, s.device.use_gpu):
+                out.append(other)
+                break
+        if len(seen) == limit:
+            break
+    return out
 
 
 def main() -> None:

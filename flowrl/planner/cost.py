@@ -52,11 +52,19 @@ class Coefficients:
     # fitted per process layout (``process_class``): the runtime's cost differs with the number
     # of processes and threads far more than the profile's compute does
     class_overheads: dict[str, dict[str, float]] = field(default_factory=dict)
+    # fitted seconds per micro-batch beyond the profile's (the engine's packing, loss and hooks,
+    # FSDP's collectives), per stage; per process class where runs of that class had different
+    # micro-batch counts (``stage_micro_batches``)
+    per_micro: dict[str, float] = field(default_factory=dict)
+    class_per_micro: dict[str, dict[str, float]] = field(default_factory=dict)
     fitted_from: list[str] = field(default_factory=list)  # run directories the overheads came from
 
     def overheads_for(self, layout: Layout) -> dict[str, float]:
         """The overheads fitted on runs of the layout's process class, else the mean over all runs."""
         return self.overheads | self.class_overheads.get(process_class(layout), {})
+
+    def per_micro_for(self, layout: Layout) -> dict[str, float]:
+        return self.per_micro | self.class_per_micro.get(process_class(layout), {})
 
     def speedup(self, threads: int) -> float:
         """Compute speed with ``threads`` threads relative to the profile's (measured points, else 1)."""
@@ -167,10 +175,19 @@ def sync_seconds(s: Setting, layout: Layout, c: Coefficients) -> float:
     return seconds
 
 
+def stage_micro_batches(s: Setting, layout: Layout) -> dict[str, int]:
+    """Micro-batches one rank runs in each stage of a step (1 for stages that do not micro-batch)."""
+    w = s.workload
+    k = micro_batches(w.responses / layout.num_workers, w.prompt_tokens + w.response_tokens, layout)
+    per_stage = {"old_logprobs": k, "ref": k, "values": k, "update": k * w.epochs, "critic_update": k * w.epochs}
+    return {stage: per_stage.get(stage, 1) for stage in s.stages}
+
+
 def predict(s: Setting, layout: Layout, c: Coefficients) -> dict[str, float]:
     """Predicted seconds of each stage of one step, and ``step`` (their sum; with asynchronous
     split placement, generation overlaps training: the longer of the two)."""
-    o = c.overheads_for(layout)
+    o, per_micro = c.overheads_for(layout), c.per_micro_for(layout)
+    micros = stage_micro_batches(s, layout)
     out: dict[str, float] = {}
     compute = {
         "generate": lambda: generate_seconds(s, layout, c),
@@ -183,7 +200,8 @@ def predict(s: Setting, layout: Layout, c: Coefficients) -> dict[str, float]:
         "weight_sync": lambda: sync_seconds(s, layout, c),
     }
     for stage in s.stages:
-        out[stage] = compute[stage]() + o.get(stage, DEFAULT_OVERHEADS[stage])
+        fitted = o.get(stage, DEFAULT_OVERHEADS[stage]) + per_micro.get(stage, 0.0) * micros[stage]
+        out[stage] = compute[stage]() + fitted
     rest = sum(v for k, v in out.items() if k != "generate")
     if layout.split and layout.max_staleness > 0:
         out["step"] = max(out["generate"], rest)

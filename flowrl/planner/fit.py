@@ -3,7 +3,10 @@ batch transfers, vLLM's scheduling, gloo/NCCL start-up of each collective).
 
 For each stage, the overhead is the median over a run's steady steps (from step 2) of the
 measured ``timing/<stage>`` minus the compute the model predicts for that run's layout (with
-the run's own mean response length), averaged over the runs given. It is added to the
+the run's own mean response length). Where runs of one process class had different
+micro-batch counts, the residuals are split by least squares into a fixed part and a part per
+micro-batch (the engine's own work per micro-batch and FSDP's collectives, which the plain-torch
+profile does not see); else they are averaged. It is added to the
 prediction of that stage for every layout with the same processes (``process_class``: trainer
 ranks, rollout workers, tensor parallelism); a class no run had gets the mean over all runs.
 So the runs must come from the same machine and model shape, ideally one per process class
@@ -20,8 +23,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from flowrl.planner.calibrate import cache_path, load_or_profile, save
-from flowrl.planner.cost import Coefficients, predict, process_class
+from flowrl.planner.calibrate import cache_path, line_fit, load_or_profile, save
+from flowrl.planner.cost import Coefficients, predict, process_class, stage_micro_batches
 from flowrl.planner.layout import Layout
 from flowrl.planner.search import setting_of
 
@@ -54,8 +57,7 @@ def run_config(run_dir: str) -> Any:
 
 def fit_overheads(run_dirs: list[str], refresh: bool = False) -> tuple[Coefficients, str]:
     """Fit the per-stage overheads from ``run_dirs`` into the cached coefficients; -> (them, file)."""
-    residuals: dict[str, list[float]] = {}
-    by_class: dict[str, dict[str, list[float]]] = {}
+    points: dict[str, dict[str, list[tuple[float, float]]]] = {}  # class -> stage -> (micro-batches, residual)
     coefficients, path = None, ""
     for run_dir in run_dirs:
         cfg, steps = run_config(run_dir), read_steps(run_dir)
@@ -64,22 +66,43 @@ def fit_overheads(run_dirs: list[str], refresh: bool = False) -> tuple[Coefficie
         if coefficients is None:
             coefficients, file, _ = load_or_profile(setting.shape, cfg.actor.model.dtype, setting.device.use_gpu, refresh)
             path = str(file)
-        bare = dataclasses.replace(coefficients, overheads={s: 0.0 for s in coefficients.overheads}, class_overheads={})
+        bare = dataclasses.replace(
+            coefficients, overheads={s: 0.0 for s in coefficients.overheads}, class_overheads={}, per_micro={},
+            class_per_micro={},
+        )  # fmt: skip
         layout = Layout.of(cfg)
-        compute = predict(setting, layout, bare)
+        compute, micros = predict(setting, layout, bare), stage_micro_batches(setting, layout)
         for stage, seconds in measured_stages(steps).items():
             if stage in compute and stage != "step":
-                residuals.setdefault(stage, []).append(seconds - compute[stage])
-                by_class.setdefault(process_class(layout), {}).setdefault(stage, []).append(seconds - compute[stage])
+                points.setdefault(process_class(layout), {}).setdefault(stage, []).append((micros[stage], seconds - compute[stage]))
     assert coefficients is not None
+    fixed = {k: {s: line(v)[0] for s, v in stages.items()} for k, stages in points.items()}
+    per_micro = {k: {s: line(v)[1] for s, v in stages.items()} for k, stages in points.items()}
     fitted = dataclasses.replace(
         coefficients,
-        overheads=coefficients.overheads | {s: max(0.0, statistics.mean(v)) for s, v in residuals.items()},
-        class_overheads={k: {s: max(0.0, statistics.mean(v)) for s, v in stages.items()} for k, stages in by_class.items()},
+        overheads=coefficients.overheads | mean_over_classes(fixed),
+        class_overheads=fixed,
+        per_micro=mean_over_classes(per_micro),
+        class_per_micro=per_micro,
         fitted_from=[os.path.abspath(d) for d in run_dirs],
     )
     save(fitted, cache_path(setting.shape, cfg.actor.model.dtype, setting.device.use_gpu))
     return fitted, path
+
+
+def line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(fixed seconds, seconds per micro-batch) through (micro-batches, residual) points: a
+    least-squares line when the runs had different micro-batch counts, else their mean residual
+    and 0; the per-micro-batch cost is kept >= 0 and the total at the points > 0."""
+    a, b = line_fit(points)  # both clamped to >= 0
+    if b == 0.0:
+        a = max(0.0, statistics.mean(y for _, y in points))
+    return a, b
+
+
+def mean_over_classes(values: dict[str, dict[str, float]]) -> dict[str, float]:
+    stages = {s for v in values.values() for s in v}
+    return {s: statistics.mean(v[s] for v in values.values() if s in v) for s in stages}
 
 
 def compare(run_dir: str) -> dict[str, dict[str, float]]:

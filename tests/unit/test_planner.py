@@ -233,3 +233,26 @@ def test_overheads_fitted_per_process_class(tmp_path, monkeypatch):
     assert fitted.overheads_for(Layout(num_workers=4))["update"] == pytest.approx(
         (fitted.overheads_for(one)["update"] + fitted.overheads_for(two)["update"]) / 2
     )
+
+
+def test_per_micro_batch_cost_is_split_off_when_micro_batching_differs(tmp_path, monkeypatch):
+    from flowrl.planner.cost import stage_micro_batches
+    from flowrl.planner.fit import fit_overheads
+
+    monkeypatch.setenv("FLOWRL_PLANNER_CACHE", str(tmp_path / "cache"))
+    cfg = recipe(shape_folder(tmp_path, "qwen2.5-0.5b"))
+    shape = ModelShape.from_folder(cfg.actor.model.path)
+    save(COEFFICIENTS, cache_path(shape, "float32", False))
+    bare = dataclasses.replace(COEFFICIENTS, overheads={k: 0.0 for k in COEFFICIENTS.overheads})
+    setting = setting_of(cfg)
+    layouts = [Layout(num_workers=1, micro_batch_size=m) for m in (4, 8, 16)]
+    for i, layout in enumerate(layouts[:2]):  # measured: compute + 3 s + 0.5 s per micro-batch of the update
+        k = stage_micro_batches(setting, layout)["update"]
+        compute = predict(setting, layout, bare)
+        seconds = {s: compute[s] + (3.0 + 0.5 * k if s == "update" else 1.0) for s in setting.stages}
+        fake_run(tmp_path / f"r{i}", cfg, layout, seconds)
+    fitted, _ = fit_overheads([str(tmp_path / "r0"), str(tmp_path / "r1")])
+    assert fitted.per_micro_for(layouts[2])["update"] == pytest.approx(0.5, rel=1e-4)
+    k = stage_micro_batches(setting, layouts[2])["update"]
+    got = predict(setting, layouts[2], fitted)["update"] - predict(setting, layouts[2], bare)["update"]
+    assert got == pytest.approx(3.0 + 0.5 * k, rel=1e-4)  # a micro-batching no run had
