@@ -256,3 +256,16 @@ def test_per_micro_batch_cost_is_split_off_when_micro_batching_differs(tmp_path,
     k = stage_micro_batches(setting, layouts[2])["update"]
     got = predict(setting, layouts[2], fitted)["update"] - predict(setting, layouts[2], bare)["update"]
     assert got == pytest.approx(3.0 + 0.5 * k, rel=1e-4)  # a micro-batching no run had
+
+
+def test_plan_command_bad_input_is_one_line(tmp_path, capsys):
+    from flowrl.cli import main
+
+    assert main(["plan", "recipes/no_such.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == "flowrl plan: recipe recipes/no_such.yaml: no such file"
+    big = shape_folder(tmp_path, "qwen2.5-7b")  # ~120 GB of fp32 training state, and 2M-token prompts
+    args = [f"actor.model.path={big}", "data.train_files=[unused.parquet]", "data.prompts.max_prompt_length=2000000"]
+    assert main(["plan", RECIPE, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("flowrl plan: no plan fits in memory: the smallest predicted peak of")
+    assert "GiB of host memory" in err and "GiB available" in err
