@@ -75,6 +75,7 @@ NOT_BATCH_KEYS: dict[tuple[str, str], str] = {
     ("flowrl/evaluation.py", "sample_records"): "the JSONL record format of evaluation samples",
     ("flowrl/algos/losses.py", "entropy_loss"): "the metric name 'entropy'",
     ("flowrl/planner/cost.py", "predict"): "the step's stage names (timing/<stage>)",
+    ("flowrl/planner/cost.py", "stage_micro_batches"): "the step's stage names (timing/<stage>)",
     ("flowrl/planner/memory.py", "transient_bytes"): "the step's stage names (timing/<stage>)",
 }
 
