@@ -134,7 +134,7 @@ def profile(shape: ModelShape, dtype: str, use_gpu: bool, seq: int = 128) -> Coe
         optim = _optimizer_time(model, device) / sum(p.numel() for p in model.parameters())
         copy = _copy_s_per_byte(device)
         batches = (1, 8, 16)
-        step0, per_seq = line_fit([(b, _decode_step_time(model, b, device)) for b in batches])
+        step0, per_seq = line_fit([(b, _decode_step_time(model, shape.vocab, b, device)) for b in batches])
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         step_fixed = max(step0 - weight_bytes * copy, 0.2 * step0)
         speedup = {"1": 1.0}
@@ -191,9 +191,9 @@ def _optimizer_time(model: torch.nn.Module, device: torch.device) -> float:
 
 
 @torch.no_grad()
-def _decode_step_time(model: torch.nn.Module, batch: int, device: torch.device, prompt: int = 16, steps: int = 8) -> float:
+def _decode_step_time(model: torch.nn.Module, vocab: int, batch: int, device: torch.device, prompt: int = 16, steps: int = 8) -> float:
     """Seconds per decoding step of ``batch`` sequences with a KV cache."""
-    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device)  # [b, P]
+    ids = torch.randint(3, vocab, (batch, prompt), device=device)  # [b, P]
 
     def run() -> None:
         out = model(input_ids=ids, use_cache=True)

@@ -15,7 +15,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -117,7 +117,7 @@ def mean_prompt_tokens(cfg: Any, limit: int = 512) -> float:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.actor.model.path)
-        data = PromptDataset(list(cfg.data.train_files), tokenizer, PromptDataConfig(**OmegaConf.to_container(cfg.data.prompts)))
+        data = PromptDataset(list(cfg.data.train_files), tokenizer, PromptDataConfig(**cast(dict, OmegaConf.to_container(cfg.data.prompts))))
         lengths = [len(item.prompt_ids) for item in data.items[:limit]]
         return sum(lengths) / len(lengths) if lengths else float(cfg.data.prompts.max_prompt_length)
     except Exception:  # noqa: BLE001 - a guess is enough for timing; preflight reports bad data
