@@ -22,7 +22,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-FLOPS_PER_PARAM_TOKEN = 12  # generation 2 + old log-probs 2 + reference 2 + update 6
+from flowrl.planner.cost import FORWARD_FLOPS_PER_PARAM, TRAIN_FLOPS_PER_PARAM
+
+# generation 2 + old log-probs 2 + reference 2 + update 6 (the planner's per-parameter counts)
+FLOPS_PER_PARAM_TOKEN = 3 * FORWARD_FLOPS_PER_PARAM + TRAIN_FLOPS_PER_PARAM
 
 
 def count_parameters(model: nn.Module) -> int:

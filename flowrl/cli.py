@@ -9,6 +9,8 @@
     flowrl export SRC [--base DIR] [--out DIR] [--adapter]    a Hugging Face folder (or a LoRA adapter) from a checkpoint
     flowrl eval MODEL_DIR DATA [...]              accuracy of a model on RL rows (flowrl/evaluation.py)
     flowrl plot RUN_DIR [--out PNG]               curves of a run's metrics.jsonl (flowrl/plot.py)
+    flowrl plan RECIPE.yaml [key=value ...] [--out FILE] [--fit RUN_DIR ...]
+                                                  the fastest layout that fits in memory (flowrl/planner)
 
 Mistakes in arguments end the command with one line on stderr naming the key, file or
 value, and exit status 2.
@@ -194,6 +196,70 @@ def plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan(args: argparse.Namespace) -> int:
+    from flowrl.planner import NoPlanFits
+    from flowrl.planner import plan as make_plan
+    from flowrl.planner.fit import compare, fit_overheads
+
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        if args.fit:
+            fitted, path = fit_overheads(args.fit, refresh=args.refresh)
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in fitted.overheads.items())
+            print(f"overheads fitted from {len(args.fit)} run(s) into {path}: {shown} s")
+        result = make_plan(cfg, refresh=args.refresh and not args.fit)
+    except (ConfigError, NoPlanFits, ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    c = result.coefficients
+    source = f"fitted from {len(c.fitted_from)} run(s)" if c.fitted_from else "default overheads (not fitted: see --fit)"
+    profiled = f"profiled now in {result.calibration_s:.1f} s" if result.calibration_s else "cached"
+    print(f"calibration: {result.calibration_file} ({profiled}; {source})")
+    print(f"{result.considered} valid layouts, {result.rejected_for_memory} rejected by the memory model; "
+          f"predicted seconds per step and stage:")  # fmt: skip
+    print(result.table(args.top))
+    print("overrides: " + " ".join(result.chosen.layout.overrides()))
+    if args.out:
+        write_overrides(args.out, result.chosen.layout.overrides())
+        print(f"written: {args.out}")
+    for run_dir in args.compare or []:
+        rows = compare(run_dir)
+        print(f"{run_dir}: " + ", ".join(f"{k} {v['predicted']:.3f}/{v['measured']:.3f}" for k, v in rows.items())
+              + " s (predicted/measured)")  # fmt: skip
+    return 0
+
+
+def write_overrides(path: str, overrides: list[str]) -> None:
+    """The overrides as a YAML recipe fragment (``.yaml``/``.yml``) or one ``key=value`` a line."""
+    from omegaconf import OmegaConf
+
+    if path.endswith((".yaml", ".yml")):
+        OmegaConf.save(OmegaConf.from_dotlist(overrides), path)
+        return
+    with open(path, "w") as f:
+        f.writelines(line + "\n" for line in overrides)
+
+
+def add_plan_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="the fastest layout of a recipe that fits in memory: flowrl plan RECIPE.yaml [key=value ...]",
+        description="Predict each layout's step time (seconds per stage) and peak memory per device from "
+        "the model shape and a micro-profile of this machine (cached), and print the fastest layout that fits "
+        "with the runners-up (docs/planner.md). trainer.plan=auto does the same when a run starts.",
+    )
+    p.add_argument("recipe", help="a recipe YAML (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. actor.model.path=DIR")
+    p.add_argument("--out", metavar="FILE", help="write the chosen overrides: YAML for *.yaml, else key=value lines")
+    p.add_argument("--top", type=int, default=6, help="plans in the table (default: 6)")
+    p.add_argument(
+        "--fit", nargs="+", metavar="RUN_DIR",
+        help="first fit the per-stage runtime overheads from these runs (same machine and model) into the cache",
+    )  # fmt: skip
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print runs' predicted vs measured stage seconds")
+    p.add_argument("--refresh", action="store_true", help="profile this machine again instead of using the cache")
+    p.set_defaults(run=plan)
+
+
 # ---- building the parser -----------------------------------------------------------------
 def field_comments(cls: type) -> dict[str, str]:
     """The ``# comment`` after each field of a dataclass's source: its --help text."""
@@ -315,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=export)
     add_eval_parser(sub)
     add_plot_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 

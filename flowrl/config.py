@@ -201,6 +201,10 @@ class TrainerConfig:
     # and the console shows flowrl's own lines only; console: Ray forwards it all to the console
     worker_logs: str = "files"
     save_policy: bool = True  # the final policy as a Hugging Face folder in RUN_DIR/policy
+    # auto: before any worker starts, pick the layout (workers, placement, micro-batches, checkpointing,
+    # offload, vLLM's share) with the fastest predicted step that fits in memory, record it in
+    # RUN_DIR/plan.json and log plan/predicted_<stage>_s each step (docs/planner.md); off: as written
+    plan: str = "off"
 
 
 @dataclass
@@ -320,6 +324,7 @@ _CHOICES = {
     "actor.optim.lr_schedule": ("constant", "cosine"),
     "critic.optim.lr_schedule": ("constant", "cosine"),
     "trainer.worker_logs": ("files", "console"),
+    "trainer.plan": ("off", "auto"),
     "actor.policy_loss.mismatch": MISMATCH_MODES,
 }
 

@@ -37,7 +37,7 @@ LAYERS: dict[str, tuple[int, str]] = {}
 for _layer, _name, _units in [
     (5, "apps", ["cli", "quickstart", "demo", "export", "evaluation", "plot", "config_docs"]),
     (4, "drivers", ["drivers", "config"]),
-    (3, "trainer", ["trainer"]),
+    (3, "trainer", ["trainer", "planner"]),
     (2, "workers", ["workers"]),
     (1, "components", ["engines", "controller", "algos", "data", "rewards", "envs", "models", "tasks"]),
     (0, "base", ["batch", "keys", "plugins", "__init__"]),
@@ -74,6 +74,9 @@ NOT_BATCH_KEYS: dict[tuple[str, str], str] = {
     ("flowrl/workers/agent_loop.py", "dataset_rows"): "the dataset row an environment is reset with",
     ("flowrl/evaluation.py", "sample_records"): "the JSONL record format of evaluation samples",
     ("flowrl/algos/losses.py", "entropy_loss"): "the metric name 'entropy'",
+    ("flowrl/planner/cost.py", "predict"): "the step's stage names (timing/<stage>)",
+    ("flowrl/planner/cost.py", "stage_micro_batches"): "the step's stage names (timing/<stage>)",
+    ("flowrl/planner/memory.py", "transient_bytes"): "the step's stage names (timing/<stage>)",
 }
 
 # ---- 4. mypy -------------------------------------------------------------------------------

@@ -80,6 +80,13 @@ def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics], state: dict[s
     With ``trainer.save_policy`` the final policy is written to ``RUN_DIR/policy``, a
     Hugging Face folder that transformers and vLLM load.
     """
+    from flowrl.planner.startup import planned_config
+    from flowrl.trainer.preflight import InputError
+
+    try:
+        cfg, predicted = planned_config(cfg)  # trainer.plan=auto: the planned layout; else cfg as it is
+    except ValueError as e:  # no plan fits, no model config: flowrl train says it in one line (exit status 2)
+        raise InputError(f"trainer.plan=auto: {e}") from None
     rt = build_runtime(cfg)
 
     def finish() -> None:
@@ -90,7 +97,7 @@ def run(cfg: DictConfig, train_step: Callable[[Runtime], Metrics], state: dict[s
         start = time.monotonic()
         metrics = train_step(rt)
         rt.step_timed(time.monotonic() - start)
-        return metrics
+        return metrics | predicted  # next to the measured timing/<stage>
 
     samples = os.path.join(cfg.trainer.run_dir, "val_samples.jsonl")
     return run_program(

@@ -1,5 +1,6 @@
 """Each recipe's CPU variant runs 2 steps end to end: real Ray, FSDP2 (2 ranks), vLLM, rule rewards."""
 
+import json
 import os
 
 import pytest
@@ -39,10 +40,13 @@ def two_steps_on(assets, run_dir) -> list[str]:
 
 
 @pytest.mark.parametrize("algo", RECIPES)
-def test_recipe_two_steps(algo, assets, tmp_path):
+def test_recipe_two_steps(algo, assets, tmp_path, monkeypatch):
     import importlib
 
-    cfg = load_config(f"recipes/{algo}_arithmetic_tiny.yaml", two_steps_on(assets, tmp_path / "run"))
+    # one recipe picks its layout with the planner (trainer.plan=auto, a fresh profile of this machine)
+    planned = ["trainer.plan=auto"] if algo == "rloo" else []
+    monkeypatch.setenv("FLOWRL_PLANNER_CACHE", str(tmp_path / "planner_cache"))
+    cfg = load_config(f"recipes/{algo}_arithmetic_tiny.yaml", two_steps_on(assets, tmp_path / "run") + planned)
     assert cfg.trainer.algorithm == algo
     result = importlib.import_module(DRIVERS[algo]).main(cfg)
     assert 0.0 <= result["val/accuracy"] <= 1.0 and "val/accuracy_before" in result
@@ -76,6 +80,13 @@ def test_recipe_two_steps(algo, assets, tmp_path):
         assert "kl_reward/kl" in steps[0] and "kl_ref/k1" in steps[0]
     if algo == "remax":
         assert "remax/baseline_mean" in steps[0]
+    if planned:  # the plan is recorded, and each step logs its prediction next to the measured stages
+        plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+        assert plan["alternatives"] and plan["calibration_s"] > 0
+        predicted = plan["chosen"]["predicted_s"]
+        for r in steps:
+            assert r["plan/predicted_step_s"] == predicted["step"] > 0
+            assert all(f"timing/{stage}" in r for stage in predicted if stage != "step")
 
 
 def test_grpo_with_a_tensor_parallel_rollout(assets, tmp_path):
