@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from omegaconf import OmegaConf
 
-from flowrl.engines.rng import WORKER_RNG, capture_rng, read_rng, restore_rng
+from flowrl.engines.rng import capture_rng, read_rng, restore_rng
 
 if TYPE_CHECKING:
     from flowrl.trainer.runtime import Runtime

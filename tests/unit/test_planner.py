@@ -18,7 +18,7 @@ from flowrl.config import load_config
 from flowrl.planner import Layout, NoPlanFits, plan
 from flowrl.planner.calibrate import cache_path, save
 from flowrl.planner.cost import Coefficients, forward_flops, predict
-from flowrl.planner.memory import GIB, Device, memory_errors
+from flowrl.planner.memory import Device, memory_errors
 from flowrl.planner.search import search, setting_of
 from flowrl.planner.shape import ModelShape
 
