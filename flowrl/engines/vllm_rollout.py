@@ -27,6 +27,7 @@ replica, then gives the caller its RNG state back.
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 from collections.abc import Iterable
@@ -138,6 +139,25 @@ def _point_local_rank_at_current_device() -> None:
         os.environ["LOCAL_RANK"] = str(torch.cuda.current_device())
 
 
+def _clear_stale_cpu_shm(config: VLLMRolloutConfig) -> None:
+    """CPU, tensor-parallel: remove shared-memory segments a killed engine left behind.
+
+    vLLM's CPU backend names each tensor-parallel group's segment from the launcher's address,
+    which is the same (``env://``) for every engine under the external launcher, so a segment
+    left by a process that was killed (a worker group shut down, a crashed run) makes the next
+    engine on the machine fail with ``create shm in SHMManager failed. errno: 17``. Every rank
+    removes the stale names, then the world waits, then the engines create theirs.
+    """
+    if torch.cuda.is_available() or config.tensor_parallel_size == 1 or not dist.is_initialized():
+        return
+    for path in glob.glob("/dev/shm/*-tp:*-cpushm_*"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass  # another rank removed it first
+    dist.barrier()
+
+
 def _executor_kwargs(config: VLLMRolloutConfig) -> dict[str, Any]:
     """Executor choice: external launcher inside a torch world, in-process single worker outside."""
     if dist.is_initialized():
@@ -191,6 +211,7 @@ class VLLMRollout:
         caller = _CallerState.capture()
         try:
             _point_local_rank_at_current_device()
+            _clear_stale_cpu_shm(config)
             self.llm = LLM(
                 model=config.model_path,
                 max_model_len=config.max_model_len,

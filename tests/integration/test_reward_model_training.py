@@ -29,7 +29,7 @@ from flowrl.workers.reward_model import RewardModel
 
 pytestmark = pytest.mark.slow
 
-STEPS, BATCH, LR = 240, 16, 1e-3
+STEPS, BATCH, LR = 240, 16, 5e-4  # 1e-3 reached 0.644 with transformers 5.19 (0.675 at 360 steps); 5e-4: 0.706
 N_PROBLEMS = 80  # one training pair per training problem (level 1 has 100 problems; 20 are test)
 UNSEEN_PER_PROBLEM = 2
 
