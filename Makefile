@@ -10,9 +10,7 @@ demo: install
 	$(PY) -m flowrl.cli quickstart
 
 test: install
-	$(PY) scripts/check_rules.py
-	bash scripts/test_lower_bounds.sh
-	$(PY) -m pytest -q -ra --durations=30 tests
+	bash scripts/test_all.sh
 
 test-lower-bounds:
 	bash scripts/test_lower_bounds.sh
