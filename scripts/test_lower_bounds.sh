@@ -25,9 +25,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
   pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-  "${pip[@]}" install --no-compile torch==2.13.0
-  "${pip[@]}" install --no-compile $pins -e ".[test]"
-  "${pip[@]}" install --no-compile $pins  # the pins again, in case the extras pulled something newer
+  "${pip[@]}" install torch==2.13.0
+  "${pip[@]}" install $pins -e ".[test]"
+  "${pip[@]}" install $pins  # the pins again, in case the extras pulled something newer
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/python" -c "import omegaconf, tensordict, transformers, numpy, pyarrow as pa; print('[lower-bounds] omegaconf', omegaconf.__version__, '| tensordict', tensordict.__version__, '| transformers', transformers.__version__, '| numpy', numpy.__version__, '| pyarrow', pa.__version__)"
