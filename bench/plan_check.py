@@ -10,8 +10,9 @@
 2. plans the recipe, then runs the chosen plan (with ``trainer.plan=auto``, so the run plans for
    itself and logs ``plan/predicted_*``) and ``--others`` other plans that fit, spread over the
    ranking and none of them a fit run's layout, each a fresh ``python -m flowrl.cli train`` run;
-3. prints, per plan, the predicted and measured step time (median of steps 2..N) and the error;
-   a plan whose layout was a fit run's is marked (in-sample).
+3. prints, per plan, the predicted and measured step time (median of steps 2..N) and the error,
+   the recipe's own layout first (measured by its fit run); a plan whose layout was a fit run's
+   is marked (in-sample).
 
 Each run is a subprocess; the runs go one after another, so they do not share the devices.
 """
@@ -112,6 +113,9 @@ def main() -> None:
     print(f"{result.considered} layouts, {result.rejected_for_memory} rejected by the memory model")
     print(result.table(8), flush=True)
     rows = []
+    base = Layout.of(cfg)
+    if result.requested is not None and base in fits:  # the recipe as written: measured by its fit run
+        rows.append(("recipe", base.short(), result.requested.seconds["step"], fit_dirs[fits.index(base)]))
     chosen_dir = os.path.join(args.out_dir, "chosen")
     train(args.recipe, args.overrides, chosen_dir, args.steps, ["trainer.plan=auto"])
     with open(os.path.join(chosen_dir, "plan.json")) as f:
@@ -130,6 +134,11 @@ def main() -> None:
         measured = measured_stages(read_steps(run_dir))["step"]
         mark = " (a fit layout: in-sample)" if summary in fitted else ""
         print(f"| {tag}{mark} | {summary} | {predicted:.3f} | {measured:.3f} | {100 * (predicted - measured) / measured:+.1f}% |")
+    step_s = {tag: measured_stages(read_steps(run_dir))["step"] for tag, _, _, run_dir in rows}
+    if "recipe" in step_s:
+        same = recorded["summary"] == base.short()
+        print(f"\nchosen {'is' if same else 'differs from'} the recipe's layout: {step_s['chosen']:.3f} s/step "
+              f"against {step_s['recipe']:.3f} ({step_s['recipe'] / step_s['chosen']:.2f}x)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -430,7 +430,13 @@ class VLLMRollout:
         """
         if self.sleep_enabled:
             torch.cuda.empty_cache()
-            self.llm.wake_up(tags=tags)
+            free, total = torch.cuda.mem_get_info()
+            try:
+                self.llm.wake_up(tags=tags)
+            except RuntimeError as e:
+                what = ", ".join(tags) if tags else "weights, kv_cache"
+                raise RuntimeError(f"vLLM could not wake up its {what} with {free / 2**30:.1f} of "
+                                   f"{total / 2**30:.1f} GiB free on the device: {e}") from e  # fmt: skip
 
 
 def _turn_params(sampling: TurnSampling, request: TurnRequest) -> Any:

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Memory handover and LoRA on one GPU: the GRPO benchmark step (bench/bench_grpo.py: random weights, fixed
 # lengths, KL to a reference) with and without actor.offload at the Qwen2.5-1.5B shape, and LoRA GRPO at the
-# Qwen2.5-7B shape (rank 64 on every Linear layer, the frozen base in bf16, adapter-only sync) with offload.
+# Qwen2.5-1.5B and -7B shapes (rank 64 on every Linear layer, the frozen base in bf16, adapter-only sync), the 7B
+# with and without offload.
 # Per run: tokens/s, seconds per stage, and device memory per stage (memory/<stage>_used_gib, _peak_gib,
 # memory/offloaded_gib). Medians after 1 warm-up step.
 # Usage: scripts/gpu/bench_memory.sh OUT_DIR [STEPS]   (flowrl with the gpu and lora extras)
-#   RUNS picks runs by name (default: "full_1.5b offload_1.5b lora_7b").
+#   RUNS picks runs by name (default: "full_1.5b offload_1.5b lora_1.5b lora_7b lora_7b_offload").
 # Writes OUT_DIR/gpu.txt, OUT_DIR/<run>.log, OUT_DIR/<run>.json and OUT_DIR/memory.json (every run's figures).
 set -uo pipefail
 out=${1:?usage: $0 OUT_DIR [STEPS]}
 steps=${2:-4}
-runs=${RUNS:-full_1.5b offload_1.5b lora_7b}
+runs=${RUNS:-full_1.5b offload_1.5b lora_1.5b lora_7b lora_7b_offload}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
 work=${WORKDIR:-$(mktemp -d)}
@@ -21,7 +22,9 @@ for run in $runs; do
   case $run in
     full_1.5b) args=(--shape qwen2.5-1.5b) ;;
     offload_1.5b) args=(--shape qwen2.5-1.5b --gpu-memory-utilization 0.7 --set actor.offload=true) ;;
-    lora_7b) args=(--shape qwen2.5-7b --prompts 32 --micro-batch 8 --gpu-memory-utilization 0.45 --set actor.offload=true $lora) ;;
+    lora_1.5b) args=(--shape qwen2.5-1.5b --set $lora) ;;
+    lora_7b) args=(--shape qwen2.5-7b --prompts 32 --micro-batch 8 --gpu-memory-utilization 0.45 --set $lora) ;;
+    lora_7b_offload) args=(--shape qwen2.5-7b --prompts 32 --micro-batch 8 --gpu-memory-utilization 0.45 --set actor.offload=true $lora) ;;
     *) echo "unknown run $run"; continue ;;
   esac
   python3 bench/bench_grpo.py --workdir "$work" --steps "$steps" --out "$out/$run.json" "${args[@]}" 2>&1 \

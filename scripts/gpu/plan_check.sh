@@ -5,7 +5,7 @@
 # plans, then runs the chosen plan (trainer.plan=auto) and 5 other plans that fit, STEPS steps each,
 # and prints predicted and measured seconds per step (median of steps 2..STEPS) with the error.
 # Usage: scripts/gpu/plan_check.sh OUT_DIR [STEPS]   (flowrl installed with its gpu extra)
-#   SHAPES picks the shapes (default: "qwen2.5-0.5b qwen2.5-1.5b").
+#   SHAPES picks the shapes (default: "qwen2.5-0.5b qwen2.5-1.5b"); OTHERS, the plans run besides the chosen (5).
 # Writes OUT_DIR/gpu.txt and, per shape, OUT_DIR/<shape>/ (the runs) and OUT_DIR/<shape>.txt (the table).
 set -uo pipefail
 out=${1:?usage: $0 OUT_DIR [STEPS]}
@@ -26,7 +26,7 @@ for shape in $shapes; do
     trainer.use_gpu=true trainer.num_workers=1 actor.model.dtype=bfloat16 rollout.dtype=bfloat16 \
     rollout.gpu_memory_utilization=0.5 rollout.ignore_eos=true rollout.max_response_length=256 \
     data.train_batch_size=32 rollout.n=4 actor.mini_batch_size=64 actor.micro_batch_size=8 \
-    --steps "$steps" --others 5 --out-dir "$out/$shape" 2>&1 \
+    --steps "$steps" --others "${OTHERS:-5}" --out-dir "$out/$shape" 2>&1 \
     | grep -v " INFO \| WARNING \|it/s\]\|Warning:\|warnings.warn" | tee "$out/$shape.txt"
   echo "$shape: exit ${PIPESTATUS[0]}"
 done
