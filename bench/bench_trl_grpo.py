@@ -2,7 +2,8 @@
 
 Same model folder (a Qwen2.5 shape with random weights, written by bench_grpo.py or
 ``flowrl.models.shapes.make_random_model``), same prompts (fixed length through the same
-chat template), same group size, lengths (EOS ignored), precision (fp32 master weights,
+chat template), same group size, lengths (``--lengths fixed``: EOS ignored; ``real``: EOS ends
+responses, read the ``SHAPE-real`` folder), precision (fp32 master weights,
 bf16 compute; vLLM in bf16), micro-batch, gradient checkpointing and KL to a reference.
 One optimizer step per rollout of ``prompts * n`` completions, like flowrl's step:
 ``per_device_train_batch_size = micro_batch`` and ``gradient_accumulation_steps =
@@ -10,15 +11,18 @@ prompts * n / micro_batch``, so TRL generates all completions once per step.
 TRL computes old log-probs too (its vLLM importance-sampling correction is on by default).
 
     python bench/bench_trl_grpo.py --model /tmp/flowrl-bench/qwen2.5-1.5b --out trl.json
+    python bench/bench_trl_grpo.py --model /tmp/flowrl-bench/qwen2.5-1.5b-real --lengths real --out t.json
     python bench/bench_trl_grpo.py --device cpu --model SMOLLM2_DIR --data PROMPTS --prompts 8 --n 4 \
         --prompt-len 64 --response-len 64 --micro-batch 8 --no-gradient-checkpointing   # CPU: fp32
 
 On CPU, TRL generates with transformers' ``generate`` (its default without vLLM;
-``min_new_tokens`` fixes the length) in fp32, and peak memory is the process's peak RSS.
+``min_new_tokens`` fixes the length unless ``--lengths real``) in fp32, and peak memory is the
+process's peak RSS.
 
 Needs ``trl`` (1.16 was used) and ``datasets``: ``pip install "flowrl[bench]"``.
-Reports the median step time after the
-warm-up steps and tokens/s (prompt + response tokens of a step over its wall time).
+Reports the median step time after the warm-up steps, tokens/s (the median over those steps of
+prompt + response tokens of a step, as TRL counts them, over its wall time, like bench_grpo.py)
+and each step's mean, min and max response length (TRL's ``completions/*_length``).
 """
 
 from __future__ import annotations
@@ -52,22 +56,28 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def make_timer_callback(times: list[float]):
+def make_step_callback(times: list[float], tokens: list[int], lengths: list[dict[str, float]]):
     from transformers import TrainerCallback
 
-    class StepTimer(TrainerCallback):
-        """Wall-clock seconds of each optimizer step (generation included)."""
+    class StepRecorder(TrainerCallback):
+        """Each optimizer step's wall-clock seconds (generation included), prompt + completion
+        tokens and completion lengths (mean, min, max)."""
 
         def on_step_begin(self, args, state, control, **kwargs):
             synchronize()
-            self.start = time.perf_counter()
+            self.start, self.seen = time.perf_counter(), state.num_input_tokens_seen
 
         def on_step_end(self, args, state, control, **kwargs):
             synchronize()
             times.append(time.perf_counter() - self.start)
-            print(f"trl step {len(times)}: {times[-1]:.2f} s", flush=True)
+            tokens.append(state.num_input_tokens_seen - self.seen)  # GRPOTrainer adds what it generates
+            print(f"trl step {len(times)}: {times[-1]:.2f} s, {tokens[-1]} tokens", flush=True)
 
-    return StepTimer()
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs:  # logging_steps=1: this step's completions
+                lengths.append({stat: logs[f"completions/{stat}_length"] for stat in ("mean", "min", "max")})
+
+    return StepRecorder()
 
 
 def trl_config(args: argparse.Namespace, out_dir: str):
@@ -75,7 +85,10 @@ def trl_config(args: argparse.Namespace, out_dir: str):
 
     completions = args.prompts * args.n
     cuda = args.device == "cuda"
-    lengths = {"ignore_eos": True} if cuda else {"min_new_tokens": args.response_len}
+    if args.lengths == "real":
+        lengths = None  # EOS ends responses: the model folder's weights decide when
+    else:
+        lengths = {"ignore_eos": True} if cuda else {"min_new_tokens": args.response_len}
     if completions % args.micro_batch:
         raise ValueError(
             f"--prompts * --n = {completions} must be divisible by --micro-batch={args.micro_batch}"
@@ -126,6 +139,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--response-len", type=int, default=512)
+    p.add_argument("--lengths", default="fixed", choices=["fixed", "real"],
+                   help="fixed: EOS ignored, every response --response-len tokens; real: EOS ends them")
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -145,16 +160,23 @@ def main() -> None:
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", "29533")
     times: list[float] = []
+    tokens: list[int] = []
+    lengths: list[dict[str, float]] = []
     trainer = GRPOTrainer(
         model=args.model,
         reward_funcs=zero_reward,
         args=trl_config(args, tempfile.mkdtemp(prefix="trl-bench-")),
         train_dataset=prompts_dataset(args.data, args.prompts),
-        callbacks=[make_timer_callback(times)],
+        callbacks=[make_step_callback(times, tokens, lengths)],
     )
     trainer.train()
+    if not all(tokens):
+        raise RuntimeError(
+            f"bench_trl_grpo.py: TRL counted no tokens in some steps ({tokens}); this TRL does not "
+            "update state.num_input_tokens_seen in GRPOTrainer, so tokens/s cannot be measured"
+        )
     step_s = statistics.median(times[args.warmup :])
-    tokens = args.prompts * args.n * (args.prompt_len + args.response_len)
+    tokens_per_s = statistics.median(n / s for n, s in zip(tokens[args.warmup :], times[args.warmup :]))
     import trl
 
     result = {
@@ -165,12 +187,17 @@ def main() -> None:
         "n": args.n,
         "prompt_len": args.prompt_len,
         "response_len": args.response_len,
+        "lengths": args.lengths,
         "micro_batch": args.micro_batch,
         "beta": args.beta,
         "steps_measured": len(times) - args.warmup,
         "step_times_s": times,
         "step_s": step_s,
-        "tokens_per_s_per_gpu": tokens / step_s,
+        "step_tokens": tokens,
+        "tokens_per_s_per_gpu": tokens_per_s,
+        "response_length_per_step": {  # every step, warm-up included
+            stat: [row[stat] for row in lengths] for stat in ("mean", "min", "max")
+        },
         **peak_memory(args.device),
     }
     print(json.dumps(result))

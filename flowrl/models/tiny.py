@@ -34,14 +34,20 @@ class TinyModelConfig:
     tie_word_embeddings: bool = False
 
 
-def make_tokenizer():
-    """A byte-level tokenizer: ids 0..3 are pad, eos, unk and control; then 256 bytes; then roles."""
+def make_tokenizer(size: int = 0):
+    """A byte-level tokenizer: ids 0..3 are pad, eos, unk and control; then 256 bytes; then roles.
+
+    ``size`` > 262 pads the vocabulary to that many ids with entries ``<262>``, ``<263>``, ...
+    that encoding never produces (there are no merges) and that decode to their own text, so a
+    model with a large vocabulary samples no id the tokenizer lacks (some engines mask those).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = [PAD, EOS, UNK]
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {tok: i for i, tok in enumerate(specials + alphabet + ROLE_TOKENS)}
+    vocab.update({f"<{i}>": i for i in range(len(vocab), size)})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
