@@ -63,6 +63,11 @@ class ModelConfig:
     max_tokens_per_micro_batch: int = 0
     # tokens per chunk of the LM head and log-softmax: [chunk, vocab] fp32 logits at a time (0: all)
     logits_chunk_size: int = 1024
+    # keep this model's parameter shards (and, when it trains, its gradients and AdamW state) in
+    # host memory for the whole run: FSDP2's CPUOffloadPolicy copies each layer to the device for its
+    # forward and backward, and the optimizer steps on the CPU. Slower steps, for models whose training
+    # state does not fit on the device (a 7B full-parameter update on one 80 GB GPU; docs/hybrid_engine.md)
+    cpu_offload: bool = False
 
 
 @dataclass
@@ -595,6 +600,11 @@ def _check_lora(actor: Any, where: str) -> None:
         not actor.offload or actor.backend == "fsdp",
         where,
         f"actor.offload: the fsdp training engine offloads its state, not actor.backend={actor.backend!r}",
+    )
+    _check(
+        not actor.model.cpu_offload or actor.backend == "fsdp",
+        where,
+        f"actor.model.cpu_offload: the fsdp training engine keeps its state in host memory, not actor.backend={actor.backend!r}",
     )
     _check(
         lora.rank == 0 or importlib.util.find_spec("peft") is not None,

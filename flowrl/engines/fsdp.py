@@ -52,7 +52,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import DTensor
 
 from flowrl.algos.aggregate import loss_counts, reduce_metric
@@ -120,8 +127,12 @@ class FSDPEngineConfig:
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     # LoRA adapters (PEFT) on the model, only they train (flowrl/engines/lora.py); rank 0: off
     lora: LoraConfig = field(default_factory=LoraConfig)
-    # with LoRA: the frozen base weights' dtype (the rollout's, so both hold the same values); None: as loaded
+    # with LoRA: the frozen base weights' dtype (the rollout's, so both hold the same values); without,
+    # every parameter's (a model that never trains: the reference, a reward model); None: fp32 as loaded
     frozen_dtype: str | None = None
+    # parameters, gradients and optimizer state live in host memory (FSDP2's CPUOffloadPolicy): each
+    # layer visits the device for its forward and backward; the optimizer steps on the CPU
+    cpu_offload: bool = False
 
     def __post_init__(self) -> None:
         for key in ("param_dtype", "reduce_dtype"):
@@ -158,11 +169,15 @@ def load_hf_model(config: FSDPEngineConfig) -> nn.Module:
     if config.lora.enabled:
         frozen = DTYPES[config.frozen_dtype] if config.frozen_dtype is not None else None
         apply_lora(model, config.lora, config.seed, frozen)
+    elif config.frozen_dtype is not None:  # a model that never trains, stored as it computes
+        for p in model.parameters():
+            p.data = p.data.to(DTYPES[config.frozen_dtype])
     return model
 
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, config: FSDPEngineConfig) -> None:
-    """``fully_shard`` each decoder layer (the model's ``_no_split_modules``), then the root."""
+    """``fully_shard`` each decoder layer (the model's ``_no_split_modules``), then the root; with
+    ``cpu_offload`` the shards stay in host memory (pinned when the compute device is a GPU)."""
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     policy = MixedPrecisionPolicy(
         param_dtype=DTYPES[config.param_dtype], reduce_dtype=DTYPES[config.reduce_dtype]
@@ -173,8 +188,10 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, config: FSDPEngineConfig) ->
             f"{config.model_path}: found no decoder layers to shard (looked for {sorted(layer_classes)}); "
             "the model class must list its layer class in _no_split_modules"
         )
+    where = CPUOffloadPolicy(pin_memory=config.device == "cuda") if config.cpu_offload else OffloadPolicy()
     for module in [*layers, model]:
-        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
+        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=config.reshard_after_forward,
+                    offload_policy=where)  # fmt: skip
 
 
 def token_mask(batch: Batch) -> torch.Tensor:
@@ -624,8 +641,11 @@ class FSDPEngine:
     def offload(self) -> int:
         """Release the device memory of the parameters and optimizer state (their bytes wait in host
         memory, ``flowrl.engines.offload.HostCopy``) and drop the gradients; returns the bytes moved.
-        Nothing may use the model or the optimizer until ``onload``."""
+        Nothing may use the model or the optimizer until ``onload``. With ``cpu_offload`` the state
+        already lives in host memory: only the gradients go."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.config.cpu_offload:
+            return 0
         return self._host_copy.offload(self._state_tensors())
 
     def onload(self) -> None:
@@ -670,9 +690,11 @@ def from_run_config(
             max_tokens_per_micro_batch=model.max_tokens_per_micro_batch,
             logits_chunk_size=model.logits_chunk_size,
             gather_once_for_inference=model.gather_once_for_inference,
+            cpu_offload=model.cpu_offload,
             seed=cfg.trainer.seed,
             optim=optim_cfg,
             lora=lora,
-            frozen_dtype=cfg.rollout.dtype if lora.enabled else None,
+            # the base under the adapters holds what vLLM serves; a frozen model, what it computes in
+            frozen_dtype=cfg.rollout.dtype if lora.enabled else (model.dtype if optim is None else None),
         )
     )

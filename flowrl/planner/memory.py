@@ -21,6 +21,8 @@ host memory all the time, and every worker shares the host's memory.
 
 Colocated: the trainer's state stays on the device while vLLM generates unless
 ``actor.offload`` moves parameters and optimizer state to host memory (gradients dropped).
+``model.cpu_offload`` keeps a model's shards (and the actor's gradients and AdamW state) in host
+memory all the time: on GPU only the gathered layers and activations count.
 Split: the trainer's devices hold no vLLM; the rollout devices hold only vLLM.
 
 Not modelled: allocator fragmentation (a margin of ``HEADROOM`` is kept free), the
@@ -31,7 +33,7 @@ bound them when the shapes match), temporary buffers of collectives other than a
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flowrl.planner.layout import Layout
 from flowrl.planner.shape import ModelShape
@@ -84,6 +86,8 @@ class Roles:
     logits_chunk: int = 1024
     sync_bucket_mb: int = 256
     lora: bool = False  # only adapters train: no full gradients or optimizer state
+    cpu_offload: bool = False  # actor.model.cpu_offload: its shards, gradients and AdamW state in host memory
+    ref_cpu_offload: bool = False  # the reference's shards in host memory
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,9 @@ def resident_bytes(shape: ModelShape, layout: Layout, roles: Roles) -> float:
     """What stays on a trainer rank between stages: parameters, optimizer state, other models."""
     W = layout.num_workers
     params, _, optim = trainer_state_bytes(shape, W, roles.lora)
-    others = (DTYPE_BYTES[roles.ref_dtype] * shape.params / W) if roles.reference else 0.0
+    if roles.cpu_offload:
+        params = optim = 0.0
+    others = (DTYPE_BYTES[roles.ref_dtype] * shape.params / W) if roles.reference and not roles.ref_cpu_offload else 0.0
     if roles.critic is not None:
         others += 16 * roles.critic.params / W
     return params + optim + others
@@ -163,6 +169,7 @@ def transient_bytes(shape: ModelShape, w: Workload, layout: Layout, roles: Roles
     """What a trainer rank allocates on top of ``resident_bytes`` in each training-side stage."""
     pb = DTYPE_BYTES[roles.param_dtype]
     _, grads, _ = trainer_state_bytes(shape, layout.num_workers, roles.lora)
+    grads = 0.0 if roles.cpu_offload else grads
     gathered = gathered_bytes(shape, pb, layout.num_workers)
     tokens = micro_tokens(w, layout)
     resp_tokens = tokens * w.max_response_tokens // max(w.max_seq_tokens, 1)
@@ -180,6 +187,8 @@ def transient_bytes(shape: ModelShape, w: Workload, layout: Layout, roles: Roles
 def stage_peaks(shape: ModelShape, w: Workload, layout: Layout, roles: Roles, device: Device) -> dict[str, float]:
     """Peak bytes per stage on the most loaded device (GPU) or on the whole host (CPU)."""
     W = layout.num_workers
+    if not device.use_gpu:  # host memory is host memory: what cpu_offload moves stays counted
+        roles = replace(roles, cpu_offload=False, ref_cpu_offload=False)
     resident = resident_bytes(shape, layout, roles)
     peaks = {k: resident + v for k, v in transient_bytes(shape, w, layout, roles).items()}
     rollout = rollout_bytes(shape, w, layout, roles, device)

@@ -137,6 +137,7 @@ def setting_of(cfg: Any, device: Device | None = None, prompt_tokens: float | No
         mini_batch_size=a.mini_batch_size, epochs=a.epochs,
     )  # fmt: skip
     lora_base = a.lora.rank > 0 and (cfg.reference is None or not cfg.reference.path)
+    ref_model = cfg.reference if cfg.reference is not None and cfg.reference.path else a.model  # as workers/reference.py
     critic = None
     if cfg.critic.enable and "critic" not in cfg.placement.separate:
         critic = ModelShape.from_folder(cfg.critic.model.path)
@@ -144,6 +145,7 @@ def setting_of(cfg: Any, device: Device | None = None, prompt_tokens: float | No
         reference=needs_reference(cfg) and not lora_base, critic=critic, param_dtype=a.model.dtype,
         rollout_dtype=r.dtype, ref_dtype=cfg.reference.dtype if cfg.reference is not None else a.model.dtype,
         logits_chunk=a.model.logits_chunk_size, sync_bucket_mb=r.sync_bucket_mb, lora=a.lora.rank > 0,
+        cpu_offload=a.model.cpu_offload, ref_cpu_offload=ref_model.cpu_offload,
     )  # fmt: skip
     return Setting(shape, workload, roles, device or device_here(cfg.trainer.use_gpu), step_stages(cfg))
 

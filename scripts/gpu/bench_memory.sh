@@ -2,7 +2,9 @@
 # Memory handover and LoRA on one GPU: the GRPO benchmark step (bench/bench_grpo.py: random weights, fixed
 # lengths, KL to a reference) with and without actor.offload at the Qwen2.5-1.5B shape, and LoRA GRPO at the
 # Qwen2.5-1.5B and -7B shapes (rank 64 on every Linear layer, the frozen base in bf16, adapter-only sync), the 7B
-# with and without offload.
+# with and without offload; and a full-parameter GRPO step at the 7B shape (full_7b, not in the default list: its
+# fp32 weights, gradients and AdamW state take ~122 GB on the device during the update, so it needs a GPU of more
+# than 80 GB; the bf16 reference waits in host memory, reference.cpu_offload).
 # Per run: tokens/s, seconds per stage, and device memory per stage (memory/<stage>_used_gib, _peak_gib,
 # memory/offloaded_gib). Medians after 1 warm-up step.
 # Usage: scripts/gpu/bench_memory.sh OUT_DIR [STEPS]   (flowrl with the gpu and lora extras)
@@ -22,6 +24,8 @@ for run in $runs; do
   case $run in
     full_1.5b) args=(--shape qwen2.5-1.5b) ;;
     offload_1.5b) args=(--shape qwen2.5-1.5b --gpu-memory-utilization 0.7 --set actor.offload=true) ;;
+    full_7b) args=(--shape qwen2.5-7b --prompts 32 --micro-batch 8 --gpu-memory-utilization 0.4
+                   --set actor.offload=true "reference.path=$work/qwen2.5-7b" reference.dtype=bfloat16 reference.cpu_offload=true) ;;
     lora_1.5b) args=(--shape qwen2.5-1.5b --set $lora) ;;
     lora_7b) args=(--shape qwen2.5-7b --prompts 32 --micro-batch 8 --gpu-memory-utilization 0.45 --set $lora) ;;
     lora_7b_offload) args=(--shape qwen2.5-7b --prompts 32 --micro-batch 8 --gpu-memory-utilization 0.45 --set actor.offload=true $lora) ;;
