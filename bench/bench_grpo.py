@@ -24,7 +24,6 @@ memory per stage; and each step's mean, min and max response length.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import string
@@ -178,7 +177,7 @@ def length_metrics(lengths: torch.Tensor, generate_s: float) -> dict[str, float]
 def summarize(
     args: argparse.Namespace, rows: list[dict[str, float]], peak_flops: float, n_params: int
 ) -> dict:
-    from perf import stage_shares, steady_state, step_mfu
+    from perf import stage_shares, steady_state, step_mfu, workload
 
     med = steady_state(rows, args.warmup)
     seconds = {s: med[f"timing/{s}"] for s in STAGES if f"timing/{s}" in med}
@@ -188,11 +187,7 @@ def summarize(
         "shape": args.model or args.shape,
         "params": n_params,
         "gpus": args.gpus,
-        "prompts": args.prompts,
-        "n": args.n,
-        "prompt_len": args.prompt_len,
-        "response_len": args.response_len,
-        "lengths": args.lengths,
+        **workload(args),
         "micro_batch": args.micro_batch,
         "cuda_graphs": args.cuda_graphs,
         "gradient_checkpointing": args.gradient_checkpointing,
@@ -262,7 +257,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    from perf import count_folder_parameters, matmul_peak_flops
+    from perf import count_folder_parameters, emit, matmul_peak_flops
 
     args = parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -284,9 +279,7 @@ def main() -> None:
     )
     rows = run_steps(args, model, data, work / f"run_{tag}")
     result = summarize(args, rows, peak, count_folder_parameters(model))
-    print(json.dumps(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

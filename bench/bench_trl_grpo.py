@@ -28,13 +28,15 @@ and each step's mean, min and max response length (TRL's ``completions/*_length`
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/perf.py
 
 
 def prompts_dataset(path: str, prompts: int):
@@ -153,6 +155,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     import statistics
 
+    from perf import emit, workload
     from trl import GRPOTrainer
 
     args = parse_args()
@@ -183,11 +186,7 @@ def main() -> None:
         "engine": f"trl {trl.__version__} GRPOTrainer "
         + ("(vllm_mode=colocate)" if args.device == "cuda" else "(transformers generate, CPU)"),
         "model": args.model,
-        "prompts": args.prompts,
-        "n": args.n,
-        "prompt_len": args.prompt_len,
-        "response_len": args.response_len,
-        "lengths": args.lengths,
+        **workload(args),
         "micro_batch": args.micro_batch,
         "beta": args.beta,
         "steps_measured": len(times) - args.warmup,
@@ -200,9 +199,7 @@ def main() -> None:
         },
         **peak_memory(args.device),
     }
-    print(json.dumps(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
 def summarize(
     args: argparse.Namespace, rows: list[dict[str, float]], peak_flops: float, n_params: int
 ) -> dict:
-    from perf import stage_shares, steady_state, step_mfu
+    from perf import stage_shares, steady_state, step_mfu, workload
 
     med = steady_state(rows, args.warmup)
     seconds = {stage: med[key] for stage, key in STAGE_METRICS.items() if key in med}
@@ -221,11 +221,7 @@ def summarize(
         "model": args.model,
         "params": n_params,
         "gpus": args.gpus,
-        "prompts": args.prompts,
-        "n": args.n,
-        "prompt_len": args.prompt_len,
-        "response_len": args.response_len,
-        "lengths": args.lengths,
+        **workload(args),
         "beta": args.beta,
         "max_tokens_per_gpu": args.max_tokens_per_gpu or 16 * (args.prompt_len + args.response_len),
         "attn_implementation": attn,
@@ -276,7 +272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    from perf import count_folder_parameters, matmul_peak_flops
+    from perf import count_folder_parameters, emit, matmul_peak_flops
 
     run_dir = Path(args.workdir or tempfile.mkdtemp(prefix="verl-bench-")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -290,9 +286,7 @@ def main() -> None:
     rows = read_metrics(run_dir / "metrics.jsonl")
     peak = args.peak_tflops * 1e12 if args.peak_tflops > 0 else matmul_peak_flops("cuda")  # GPU free now
     result = summarize(args, rows, peak, count_folder_parameters(model))
-    print(json.dumps(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

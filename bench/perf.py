@@ -14,6 +14,7 @@ measured on the same machine (``matmul_peak_flops``), not the datasheet's.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -62,6 +63,20 @@ def steady_state(rows: Sequence[dict[str, float]], warmup: int) -> dict[str, flo
         raise ValueError(f"steady_state: {len(rows)} step(s) with warmup={warmup} leave none to summarize")
     keys = [k for k in kept[0] if all(k in r for r in kept)]
     return {k: float(statistics.median(float(r[k]) for r in kept)) for k in keys}
+
+
+def workload(args: object) -> dict:
+    """The workload keys every engine's summary shares (bench_grpo.py's, TRL's and verl's flags)."""
+    keys = ("prompts", "n", "prompt_len", "response_len", "lengths")
+    return {key: getattr(args, key) for key in keys}
+
+
+def emit(result: dict, out: str = "") -> None:
+    """A benchmark's summary: one JSON line on stdout, and indented in ``out`` when given."""
+    print(json.dumps(result), flush=True)
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 def stage_shares(seconds: dict[str, float]) -> dict[str, float]:
