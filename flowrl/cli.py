@@ -141,8 +141,10 @@ def export(args: argparse.Namespace) -> int:
                     f"{args.src}: the run started from {recorded!r}, which is no Hugging Face folder here; "
                     "give --base (the model folder the run started from)"
                 )
-            lora = ex.recorded_meta(args.src).get("lora")
-            folder = ex.export_checkpoint(checkpoint, base, out, lora=lora, adapter_only=args.adapter)
+            meta = ex.recorded_meta(args.src)
+            lora = meta.get("lora")
+            folder = ex.export_checkpoint(checkpoint, base, out, lora=lora, adapter_only=args.adapter,
+                                          base_dtype=meta.get("lora_base_dtype"))  # fmt: skip
         elif ex.is_training_checkpoint(args.src):
             if args.base is None or args.out is None:
                 raise UsageError(

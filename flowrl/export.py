@@ -107,6 +107,7 @@ def export_checkpoint(
     out_dir: str | os.PathLike,
     lora: dict[str, Any] | None = None,
     adapter_only: bool = False,
+    base_dtype: str | None = None,
 ) -> Path:
     """Write the policy weights of a training checkpoint as a Hugging Face folder in ``out_dir``.
 
@@ -115,7 +116,9 @@ def export_checkpoint(
     checkpoint that lacks one fails with its name). A LoRA run's checkpoint needs its
     ``lora`` settings (rank, alpha, target_modules; a step folder records them): the folder
     then holds the base model with the adapters merged in, or with ``adapter_only`` the
-    adapters alone in PEFT's format (``export_adapter``).
+    adapters alone in PEFT's format (``export_adapter``). Its checkpoint holds only the adapters
+    (an older one the base too): the base weights come from ``base``, cast to the run's
+    ``base_dtype`` (its ``rollout.dtype``, recorded in the step folder) as training held them.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -136,8 +139,10 @@ def export_checkpoint(
     if lora is not None:
         from flowrl.engines.lora import LoraConfig, apply_lora
 
-        apply_lora(model, LoraConfig(**lora), seed=0)  # the layers only: their weights come from the checkpoint
-    _load_policy(model, checkpoint, stored)
+        frozen = getattr(torch, base_dtype) if base_dtype else None  # the base as the run held it
+        apply_lora(model, LoraConfig(**lora), seed=0, frozen_dtype=frozen)  # the adapters come from the checkpoint
+        model.float()
+    _load_policy(model, checkpoint, stored, frozen_from_base=lora is not None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if adapter_only:
@@ -157,12 +162,18 @@ def _stored_names(checkpoint: str | os.PathLike) -> set[str]:
     return {k.removeprefix(f"{MODEL_PREFIX}.") for k in keys if k.startswith(f"{MODEL_PREFIX}.")}
 
 
-def _load_policy(model: torch.nn.Module, checkpoint: str | os.PathLike, stored: set[str]) -> None:
-    """Fill every weight of ``model`` from the checkpoint (one process, no process group)."""
+def _load_policy(
+    model: torch.nn.Module, checkpoint: str | os.PathLike, stored: set[str], frozen_from_base: bool = False
+) -> None:
+    """Fill every weight of ``model`` from the checkpoint (one process, no process group); with
+    ``frozen_from_base`` the frozen ones the checkpoint lacks keep the values they have."""
     import torch.distributed.checkpoint as dcp
 
     tied = _tied_aliases(model)
     state = {k: v for k, v in model.state_dict().items() if k not in tied}
+    if frozen_from_base:
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in stored or k in trainable}
     missing = sorted(k for k in state if k not in stored)
     if missing:
         raise ValueError(

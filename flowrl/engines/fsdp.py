@@ -582,18 +582,22 @@ class FSDPEngine:
 
     # ---- checkpoints and memory ------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """Model, optimizer and schedule with torch.distributed.checkpoint (one folder, all ranks)."""
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        """Model, optimizer and schedule with torch.distributed.checkpoint (one folder, all ranks).
+        With LoRA only the adapters are saved: the frozen base is the model folder's, cast as
+        at start (``frozen_dtype``), so a new engine holds it bitwise already."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._checkpoint_options)
         state = {"model": model_sd, "optim": optim_sd, "engine": self._engine_state()}
         dcp.save(state, checkpoint_id=str(path))
 
     def load(self, path: str | Path) -> None:
-        """Restore what ``save`` wrote (same model and world size); a tampered ``.metadata`` is refused."""
+        """Restore what ``save`` wrote (same model and world size); a tampered ``.metadata`` is refused.
+        With LoRA a checkpoint that also holds the base (an older one) loads too: only the adapters are read."""
         check_dcp_metadata(path)
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        options = self._checkpoint_options
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=options)
         engine = self._engine_state()
         dcp.load({"model": model_sd, "optim": optim_sd, "engine": engine}, checkpoint_id=str(path))
-        set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
         self.scheduler.load_state_dict(engine["scheduler"])
         self.global_step = int(engine["global_step"])
 
@@ -634,6 +638,13 @@ class FSDPEngine:
         if self.config.head_bias:
             return str(modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES[model_type])
         return str(modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[model_type])
+
+    @property
+    def _checkpoint_options(self) -> StateDictOptions:
+        """Checkpoints leave out frozen parameters (a LoRA run's base model); loading then sets only
+        the saved ones (every one of them must be in the checkpoint: ``dcp.load`` refuses a missing key)."""
+        adapters_only = bool(self.lora_scales)
+        return StateDictOptions(ignore_frozen_params=adapters_only, strict=not adapters_only)
 
     def _engine_state(self) -> dict[str, Any]:
         return {"scheduler": self.scheduler.state_dict(), "global_step": self.global_step}

@@ -276,6 +276,8 @@ def run_metadata(cfg: Any) -> dict[str, Any]:
             "alpha": float(lora.alpha),
             "target_modules": targets if isinstance(targets, str) else list(targets),
         }
+        # checkpoints hold only the adapters: the frozen base is the model folder's cast to this dtype
+        meta["lora_base_dtype"] = str(cfg.rollout.dtype)
     data = getattr(cfg, "data", None)  # RL runs: the data order a sampler state belongs to
     if data is not None:
         meta["train_files"] = [os.path.abspath(f) for f in data.train_files]
@@ -288,7 +290,7 @@ def run_metadata(cfg: Any) -> dict[str, Any]:
 RESUME_MUST_MATCH = {
     "algorithm": "trainer.algorithm", "num_workers": "trainer.num_workers", "critic": "critic.enable",
     "seed": "trainer.seed", "train_files": "data.train_files", "train_batch_size": "data.train_batch_size",
-    "shuffle": "data.shuffle", "lora": "actor.lora",
+    "shuffle": "data.shuffle", "lora": "actor.lora", "lora_base_dtype": "rollout.dtype",
 }  # fmt: skip
 
 

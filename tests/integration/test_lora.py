@@ -80,15 +80,32 @@ def _what_trains(engine: FSDPEngine, local: Batch) -> dict:
     return res
 
 
-def _resume_checks(engine: FSDPEngine, local: Batch, ckpt_dir: str) -> dict:
-    """Save, step, load, step again: the same loss, grad norm and parameters (adapters and Adam state)."""
+def _resume_checks(engine: FSDPEngine, local: Batch, ckpt_dir: str, model_dir: str) -> dict:
+    """Save, step, load, step again: the same loss, grad norm and parameters (adapters and Adam
+    state), in this engine and in a new one; the checkpoint holds the adapters, not the frozen base."""
+    import torch.distributed.checkpoint as dcp
+
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     engine.save(ckpt_dir)
+    model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer)  # as checkpoints held it before: the base too
+    dcp.save({"model": model_sd, "optim": optim_sd, "engine": engine._engine_state()}, checkpoint_id=ckpt_dir + "_full")
     first = engine.train_step(local, token_mean_nll, micro_batch_size=2), full_params(engine)
     engine.load(ckpt_dir)
     again = engine.train_step(local, token_mean_nll, micro_batch_size=2), full_params(engine)
+    fresh = lora_engine(model_dir)
+    fresh.load(ckpt_dir)
+    anew = fresh.train_step(local, token_mean_nll, micro_batch_size=2), full_params(fresh)
+    older = lora_engine(model_dir)
+    older.load(ckpt_dir + "_full")
+    from_full = older.train_step(local, token_mean_nll, micro_batch_size=2), full_params(older)
+    saved = dcp.FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata
+    model_keys = [k.removeprefix("model.") for k in saved if k.startswith("model.")]
     return {
-        "resumed_metrics_equal": first[0] == again[0],
-        "resumed_params_equal": all(torch.equal(first[1][n], again[1][n]) for n in first[1]),
+        "resumed_metrics_equal": first[0] == again[0] == anew[0] == from_full[0],
+        "resumed_params_equal": all(torch.equal(first[1][n], r[1][n]) for r in (again, anew, from_full) for n in first[1]),
+        "checkpoint_model_keys": sorted(model_keys),
+        "trainable_keys": sorted(n for n, p in engine.model.named_parameters() if p.requires_grad),
     }
 
 
@@ -101,7 +118,7 @@ def _engine_checks(rank: int, model_dir: str, hf_dir: str, ckpt_dir: str) -> dic
     engine = lora_engine(model_dir)
     res = {"start_is_base": torch.equal(engine.compute_logprobs(local, 1.0, 2)[0], base_lp)}  # B = 0
     res |= _what_trains(engine, local)
-    res |= _resume_checks(engine, local, ckpt_dir)
+    res |= _resume_checks(engine, local, ckpt_dir, model_dir)
     lp, _ = engine.compute_logprobs(local, 1.0, micro_batch_size=2)
     with adapter_disabled(engine.model):
         off, _ = engine.compute_logprobs(local, 1.0, micro_batch_size=2)
@@ -166,6 +183,8 @@ def test_only_adapters_train(engine_results: list[dict]) -> None:
 def test_checkpoint_resumes_bitwise(engine_results: list[dict]) -> None:
     for r in engine_results:
         assert r["resumed_metrics_equal"] and r["resumed_params_equal"]
+        # adapter-only checkpoints: exactly the trainable (adapter) weights, no frozen base weight
+        assert r["checkpoint_model_keys"] == r["trainable_keys"] and r["trainable_keys"], r["checkpoint_model_keys"]
 
 
 def test_starts_as_the_base_model_and_disabled_adapter_is_the_base_model(engine_results: list[dict]) -> None:
