@@ -238,3 +238,11 @@ def test_dcp_metadata_of_a_real_checkpoint_passes_and_a_pickle_payload_is_refuse
     with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: refused to load it: it asks to unpickle posix.system"):
         check_dcp_metadata(folder)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_lora_resume_keeps_the_dtype_its_adapter_only_checkpoints_assume_for_the_base(tmp_path):
+    lora = ("actor.lora.rank=4", "actor.lora.alpha=8")
+    ck.Checkpointer(_runtime(tmp_path, *lora, "rollout.dtype=float32")).save(1)
+    with pytest.raises(ck.CheckpointError, match=r"rollout.dtype=float32, this run has rollout.dtype=bfloat16"):
+        ck.Checkpointer(_runtime(tmp_path, "trainer.resume=auto", *lora, "rollout.dtype=bfloat16")).resume()
+    assert ck.Checkpointer(_runtime(tmp_path, "trainer.resume=auto", *lora, "rollout.dtype=float32")).resume() == 1
