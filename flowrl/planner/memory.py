@@ -25,7 +25,9 @@ Colocated: the trainer's state stays on the device while vLLM generates unless
 memory all the time: on GPU only the gathered layers and activations count.
 Split: the trainer's devices hold no vLLM; the rollout devices hold only vLLM.
 
-Not modelled: allocator fragmentation (a margin of ``HEADROOM`` is kept free), the
+Not modelled: host memory on a GPU machine (what ``actor.offload`` and ``cpu_offload`` move
+there must fit it: 16 bytes a parameter for an offloaded actor), allocator fragmentation (a
+margin of ``HEADROOM`` is kept free), the
 reference/critic's own activations beyond the actor's (they run one at a time, the actor's
 bound them when the shapes match), temporary buffers of collectives other than a sync bucket.
 """

@@ -269,3 +269,29 @@ def test_plan_command_bad_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("flowrl plan: no plan fits in memory: the smallest predicted peak of")
     assert "GiB of host memory" in err and "GiB available" in err
+
+
+def test_cpu_offload_lets_7b_train_on_one_gpu_in_the_memory_model_not_on_the_host(tmp_path):
+    from flowrl.planner.memory import stage_peaks
+
+    folder = shape_folder(tmp_path, "qwen2.5-7b")
+    base = ("actor.mini_batch_size=16", "actor.micro_batch_size=4", "data.train_batch_size=8", "rollout.n=4",
+            "actor.model.dtype=bfloat16", "rollout.dtype=bfloat16", "actor.use_kl_loss=true", "trainer.num_workers=1")  # fmt: skip
+    one_gpu = dataclasses.replace(GPU_80, count=1)
+    layout = Layout.of(recipe(folder, *base))
+    peaks = {}
+    for offload in (False, True):
+        cfg = recipe(folder, *base, f"actor.model.cpu_offload={str(offload).lower()}")
+        s = setting_of(cfg, one_gpu, prompt_tokens=100.0)
+        assert s.roles.cpu_offload == s.roles.ref_cpu_offload == offload  # no reference.path: the actor's model config
+        peaks[offload] = stage_peaks(s.shape, s.workload, layout, s.roles, one_gpu)
+        host = dataclasses.replace(one_gpu, use_gpu=False, memory_gib=1024.0)
+        peaks[("host", offload)] = stage_peaks(s.shape, s.workload, layout, s.roles, host)
+    params = s.shape.params
+    # fp32 weights, gradients and two AdamW moments (16 bytes a parameter) and the bf16 reference leave the GPU
+    assert peaks[False]["update"] - peaks[True]["update"] == pytest.approx((16 + 2) * params)
+    assert peaks[False]["update"] > 80 * 2**30 > peaks[True]["update"]
+    assert peaks[("host", False)] == peaks[("host", True)]  # on CPU the host holds it either way
+    cfg = recipe(folder, *base, "actor.model.cpu_offload=true")
+    plans, *_ = search(cfg, setting_of(cfg, one_gpu, prompt_tokens=100.0), COEFFICIENTS)
+    assert plans  # without it, test_7b_needs_several_gpus... finds no plan on one GPU
