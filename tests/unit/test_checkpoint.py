@@ -241,6 +241,7 @@ def test_dcp_metadata_of_a_real_checkpoint_passes_and_a_pickle_payload_is_refuse
 
 
 def test_a_lora_resume_keeps_the_dtype_its_adapter_only_checkpoints_assume_for_the_base(tmp_path):
+    pytest.importorskip("peft", reason="LoRA configs load only where peft is installed")
     lora = ("actor.lora.rank=4", "actor.lora.alpha=8")
     ck.Checkpointer(_runtime(tmp_path, *lora, "rollout.dtype=float32")).save(1)
     with pytest.raises(ck.CheckpointError, match=r"rollout.dtype=float32, this run has rollout.dtype=bfloat16"):

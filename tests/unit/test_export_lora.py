@@ -13,6 +13,8 @@ from flowrl.engines.lora import LoraConfig, apply_lora
 from flowrl.export import export_checkpoint
 from flowrl.models.tiny import make_tiny_model
 
+pytest.importorskip("peft", reason="LoRA needs peft (the lower-bounds environment has none)")
+
 LORA = {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
 
 
